@@ -1,0 +1,222 @@
+"""LLaMA-family weights: transformers folders, GGUF files and our own checkpoints.
+
+One table (``hf_layout``) says how each of our parameters corresponds to a
+transformers tensor; reading HF folders, reading GGUF files (through their HF
+names) and exporting back to HF all go through it. No torch is needed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+
+from metamorph.convert import tensors as T
+from metamorph.convert.tensors import ConversionError
+from metamorph.models.llama import Llama, LlamaConfig, RopeScaling
+
+FORMAT = "metamorph"
+LLM_KIND = "llm"
+_HF_MODEL_TYPES = ("llama",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+  """Our parameter ``ours`` [in..., out...] <-> transformers tensor ``hf`` [out, in]."""
+  ours: str
+  hf: str
+  shape: tuple[int, ...]  # our shape
+  n_in: int  # leading input dims of a kernel; 0 for vectors and the embedding table
+
+  def from_hf(self, value: np.ndarray) -> np.ndarray:
+    if self.n_in == 0:
+      return value.reshape(self.shape)
+    return value.T.reshape(self.shape)
+
+  def to_hf(self, value: np.ndarray) -> np.ndarray:
+    if self.n_in == 0:
+      return value.reshape(self.hf_shape)
+    return value.reshape(math.prod(self.shape[:self.n_in]), -1).T
+
+  @property
+  def hf_shape(self) -> tuple[int, ...]:
+    if self.n_in == 0:
+      return self.shape if len(self.shape) == 2 else (math.prod(self.shape),)
+    return (math.prod(self.shape[self.n_in:]), math.prod(self.shape[:self.n_in]))
+
+
+def hf_layout(c: LlamaConfig) -> list[TensorMap]:
+  """Every parameter of ``Llama(c)`` with its transformers name and layout."""
+  d, h, kv, hd, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+  maps = [TensorMap("embed_tokens/embedding", "model.embed_tokens.weight", (c.vocab_size, d), 0),
+          TensorMap("norm/scale", "model.norm.weight", (d,), 0)]
+  if not c.tie_word_embeddings:
+    maps.append(TensorMap("lm_head/kernel", "lm_head.weight", (d, c.vocab_size), 1))
+  for i in range(c.num_layers):
+    ours, hf = f"layers/{i}/", f"model.layers.{i}."
+    attn = [("q_proj", (d, h, hd), 1), ("k_proj", (d, kv, hd), 1), ("v_proj", (d, kv, hd), 1),
+            ("o_proj", (h, hd, d), 2)]
+    for name, shape, n_in in attn:
+      maps.append(TensorMap(f"{ours}attention/{name}/kernel", f"{hf}self_attn.{name}.weight", shape, n_in))
+      if c.attention_bias:
+        maps.append(TensorMap(f"{ours}attention/{name}/bias", f"{hf}self_attn.{name}.bias", shape[n_in:], 0))
+    for name, shape in [("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d))]:
+      maps.append(TensorMap(f"{ours}mlp/{name}/kernel", f"{hf}mlp.{name}.weight", shape, 1))
+      if c.mlp_bias:
+        maps.append(TensorMap(f"{ours}mlp/{name}/bias", f"{hf}mlp.{name}.bias", shape[1:], 0))
+    maps.append(TensorMap(f"{ours}input_norm/scale", f"{hf}input_layernorm.weight", (d,), 0))
+    maps.append(TensorMap(f"{ours}post_attention_norm/scale", f"{hf}post_attention_layernorm.weight", (d,), 0))
+  return maps
+
+
+# ----------------------------------------------------------------------------- configs
+
+def _rope_from_hf(cfg: Mapping) -> tuple[float, RopeScaling | None]:
+  """(theta, scaling) from transformers' legacy ``rope_scaling`` or v5 ``rope_parameters``."""
+  params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+  theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind == "default":
+    return theta, None
+  if kind == "linear":
+    return theta, RopeScaling("linear", float(params["factor"]))
+  if kind == "llama3":
+    return theta, RopeScaling(
+        "llama3", float(params["factor"]), float(params["low_freq_factor"]),
+        float(params["high_freq_factor"]),
+        int(params.get("original_max_position_embeddings", cfg.get("max_position_embeddings", 8192))))
+  raise ConversionError(f"rope type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def config_from_hf(cfg: Mapping, source: str, **overrides) -> LlamaConfig:
+  """Our ``LlamaConfig`` from a transformers ``config.json`` dict."""
+  if cfg.get("model_type") not in _HF_MODEL_TYPES:
+    raise ConversionError(
+        f"{source}: model_type {cfg.get('model_type')!r} is not a LLaMA-family model "
+        f"(supported: {_HF_MODEL_TYPES})")
+  try:
+    heads = int(cfg["num_attention_heads"])
+    theta, scaling = _rope_from_hf(cfg)
+    return LlamaConfig(
+        vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
+        **overrides)
+  except KeyError as e:
+    raise ConversionError(f"{source}: required field {e.args[0]!r} is missing") from e
+  except (TypeError, ValueError) as e:
+    raise ConversionError(f"{source}: invalid value ({e})") from e
+
+
+def config_to_hf(c: LlamaConfig, tokenizer=None) -> dict:
+  """A transformers ``LlamaForCausalLM`` config dict for ``c``."""
+  rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+  if c.rope_scaling is not None:
+    s = c.rope_scaling
+    rope.update(rope_type=s.type, factor=s.factor)
+    if s.type == "llama3":
+      rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                  original_max_position_embeddings=s.original_max_position_embeddings)
+  cfg = {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+      "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+      "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+      "head_dim": c.head_dim, "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
+      "rope_theta": c.rope_theta, "rope_parameters": rope,
+      "max_position_embeddings": c.max_position_embeddings,
+      "tie_word_embeddings": c.tie_word_embeddings, "attention_bias": c.attention_bias,
+      "mlp_bias": c.mlp_bias, "torch_dtype": "float32",
+  }
+  if tokenizer is not None:
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+      cfg[name] = getattr(tokenizer, name)
+  return cfg
+
+
+# ----------------------------------------------------------------------------- params
+
+def params_from_hf(c: LlamaConfig, hf: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+  """Our flat params from transformers-named tensors (extra HF tensors are ignored)."""
+  return {m.ours: m.from_hf(T.take(hf, m.hf, m.hf_shape, source)) for m in hf_layout(c)}
+
+
+def params_to_hf(c: LlamaConfig, ours: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {m.hf: m.to_hf(np.asarray(ours[m.ours])) for m in hf_layout(c)}
+
+
+def build(config: LlamaConfig, params: Mapping[str, np.ndarray], source: str) -> Llama:
+  """A ``Llama`` holding ``params``; no random initialisation is run."""
+  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  T.load_module_params(model, params, source)
+  return model
+
+
+# ----------------------------------------------------------------------------- folders
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def load_tokenizer(folder: str, **kwargs):
+  """The folder's transformers tokenizer, or None when it ships none."""
+  if not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+    return None
+  from transformers import AutoTokenizer
+  try:
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
+  except (OSError, ValueError) as e:
+    raise ConversionError(f"{folder}: the tokenizer files could not be loaded ({e})") from e
+
+
+def read_hf_folder(folder: str, **overrides) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+  """(config, our flat params) from a transformers LLaMA folder."""
+  cfg_path = os.path.join(folder, "config.json")
+  config = config_from_hf(T.read_json(cfg_path), cfg_path, **overrides)
+  return config, params_from_hf(config, T.read_safetensors(folder), folder)
+
+
+def export_hf(model: Llama, tokenizer, dst: str) -> None:
+  """Writes ``model`` as a transformers ``LlamaForCausalLM`` folder."""
+  os.makedirs(dst, exist_ok=True)
+  T.write_json(os.path.join(dst, "config.json"), config_to_hf(model.config, tokenizer))
+  hf = params_to_hf(model.config, T.module_params(model))
+  T.write_safetensors(os.path.join(dst, "model.safetensors"),
+                      {k: v.astype(np.float32) for k, v in hf.items()})
+  if tokenizer is not None:
+    tokenizer.save_pretrained(dst)
+
+
+def save_llm(model: Llama, tokenizer, dst: str) -> None:
+  """Writes our converted checkpoint: config.json, model.safetensors, tokenizer."""
+  os.makedirs(dst, exist_ok=True)
+  T.write_json(os.path.join(dst, "config.json"),
+               {"format": FORMAT, "kind": LLM_KIND, "config": model.config.to_dict()})
+  T.write_safetensors(os.path.join(dst, "model.safetensors"), T.module_params(model))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(dst)
+
+
+def is_converted(folder: str) -> bool:
+  path = os.path.join(folder, "config.json")
+  return os.path.isfile(path) and T.read_json(path).get("format") == FORMAT
+
+
+def read_converted(folder: str, **overrides) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+  cfg_path = os.path.join(folder, "config.json")
+  meta = T.read_json(cfg_path)
+  if meta.get("kind") != LLM_KIND:
+    raise ConversionError(f"{cfg_path}: holds a {meta.get('kind')!r} checkpoint, not an LLM")
+  try:
+    config = LlamaConfig.from_dict({**meta["config"], **overrides})
+  except (KeyError, TypeError, ValueError) as e:
+    raise ConversionError(f"{cfg_path}: invalid LLM config ({e})") from e
+  return config, T.read_safetensors_file(os.path.join(folder, "model.safetensors"))
+

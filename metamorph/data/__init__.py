@@ -1,0 +1,1 @@
+"""Data: the synthetic shapes world and its oracle, conversation formatting, batching."""
