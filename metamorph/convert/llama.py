@@ -25,50 +25,57 @@ _HF_MODEL_TYPES = ("llama",)
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
-  """Our parameter ``ours`` [in..., out...] <-> transformers tensor ``hf`` [out, in]."""
+  """Our parameter ``ours`` <-> transformers tensor ``hf``.
+
+  Kernels (``transpose``) are ours [in..., out...] and transformers' [out, in];
+  vectors and the embedding table only differ by a reshape.
+  """
   ours: str
   hf: str
-  shape: tuple[int, ...]  # our shape
-  n_in: int  # leading input dims of a kernel; 0 for vectors and the embedding table
+  shape: tuple[int, ...]     # ours
+  hf_shape: tuple[int, ...]  # transformers'
+  transpose: bool
 
   def from_hf(self, value: np.ndarray) -> np.ndarray:
-    if self.n_in == 0:
-      return value.reshape(self.shape)
-    return value.T.reshape(self.shape)
+    return (value.T if self.transpose else value).reshape(self.shape)
 
   def to_hf(self, value: np.ndarray) -> np.ndarray:
-    if self.n_in == 0:
-      return value.reshape(self.hf_shape)
-    return value.reshape(math.prod(self.shape[:self.n_in]), -1).T
+    if self.transpose:
+      return value.reshape(self.hf_shape[::-1]).T
+    return value.reshape(self.hf_shape)
 
-  @property
-  def hf_shape(self) -> tuple[int, ...]:
-    if self.n_in == 0:
-      return self.shape if len(self.shape) == 2 else (math.prod(self.shape),)
-    return (math.prod(self.shape[self.n_in:]), math.prod(self.shape[:self.n_in]))
+
+def _kernel(ours: str, hf: str, shape: tuple[int, ...], n_in: int) -> TensorMap:
+  hf_shape = (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+  return TensorMap(ours, hf, shape, hf_shape, transpose=True)
+
+
+def _vector(ours: str, hf: str, shape: tuple[int, ...]) -> TensorMap:
+  return TensorMap(ours, hf, shape, (math.prod(shape),), transpose=False)
 
 
 def hf_layout(c: LlamaConfig) -> list[TensorMap]:
   """Every parameter of ``Llama(c)`` with its transformers name and layout."""
   d, h, kv, hd, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
-  maps = [TensorMap("embed_tokens/embedding", "model.embed_tokens.weight", (c.vocab_size, d), 0),
-          TensorMap("norm/scale", "model.norm.weight", (d,), 0)]
+  embed = (c.vocab_size, d)
+  maps = [TensorMap("embed_tokens/embedding", "model.embed_tokens.weight", embed, embed, False),
+          _vector("norm/scale", "model.norm.weight", (d,))]
   if not c.tie_word_embeddings:
-    maps.append(TensorMap("lm_head/kernel", "lm_head.weight", (d, c.vocab_size), 1))
+    maps.append(_kernel("lm_head/kernel", "lm_head.weight", (d, c.vocab_size), 1))
   for i in range(c.num_layers):
     ours, hf = f"layers/{i}/", f"model.layers.{i}."
     attn = [("q_proj", (d, h, hd), 1), ("k_proj", (d, kv, hd), 1), ("v_proj", (d, kv, hd), 1),
             ("o_proj", (h, hd, d), 2)]
     for name, shape, n_in in attn:
-      maps.append(TensorMap(f"{ours}attention/{name}/kernel", f"{hf}self_attn.{name}.weight", shape, n_in))
+      maps.append(_kernel(f"{ours}attention/{name}/kernel", f"{hf}self_attn.{name}.weight", shape, n_in))
       if c.attention_bias:
-        maps.append(TensorMap(f"{ours}attention/{name}/bias", f"{hf}self_attn.{name}.bias", shape[n_in:], 0))
+        maps.append(_vector(f"{ours}attention/{name}/bias", f"{hf}self_attn.{name}.bias", shape[n_in:]))
     for name, shape in [("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d))]:
-      maps.append(TensorMap(f"{ours}mlp/{name}/kernel", f"{hf}mlp.{name}.weight", shape, 1))
+      maps.append(_kernel(f"{ours}mlp/{name}/kernel", f"{hf}mlp.{name}.weight", shape, 1))
       if c.mlp_bias:
-        maps.append(TensorMap(f"{ours}mlp/{name}/bias", f"{hf}mlp.{name}.bias", shape[1:], 0))
-    maps.append(TensorMap(f"{ours}input_norm/scale", f"{hf}input_layernorm.weight", (d,), 0))
-    maps.append(TensorMap(f"{ours}post_attention_norm/scale", f"{hf}post_attention_layernorm.weight", (d,), 0))
+        maps.append(_vector(f"{ours}mlp/{name}/bias", f"{hf}mlp.{name}.bias", shape[1:]))
+    maps.append(_vector(f"{ours}input_norm/scale", f"{hf}input_layernorm.weight", (d,)))
+    maps.append(_vector(f"{ours}post_attention_norm/scale", f"{hf}post_attention_layernorm.weight", (d,)))
   return maps
 
 

@@ -1,0 +1,26 @@
+"""Shared fixtures. Tests run on the CPU in float32."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """(llm, tokenizer, gguf path) for SmolLM2-135M-Instruct, loaded once."""
+  from metamorph.convert import load_llm, smollm2_gguf_path
+  path = smollm2_gguf_path()
+  llm, tokenizer = load_llm(path)
+  return llm, tokenizer, path
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2):
+  """transformers' LlamaForCausalLM read from the same GGUF file (the reference)."""
+  import torch
+  from transformers import AutoModelForCausalLM
+  path = smollm2[2]
+  model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                               dtype=torch.float32)
+  return model.eval()
