@@ -6,7 +6,6 @@ names) and exporting back to HF all go through it. No torch is needed.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -15,50 +14,28 @@ import numpy as np
 from flax import nnx
 
 from metamorph.convert import tensors as T
-from metamorph.convert.tensors import ConversionError
+from metamorph.convert.tensors import ConversionError, TensorMap
 from metamorph.models.llama import Llama, LlamaConfig, RopeScaling
 
-FORMAT = "metamorph"
 LLM_KIND = "llm"
 _HF_MODEL_TYPES = ("llama",)
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-  """Our parameter ``ours`` <-> transformers tensor ``hf``.
-
-  Kernels (``transpose``) are ours [in..., out...] and transformers' [out, in];
-  vectors and the embedding table only differ by a reshape.
-  """
-  ours: str
-  hf: str
-  shape: tuple[int, ...]     # ours
-  hf_shape: tuple[int, ...]  # transformers'
-  transpose: bool
-
-  def from_hf(self, value: np.ndarray) -> np.ndarray:
-    return (value.T if self.transpose else value).reshape(self.shape)
-
-  def to_hf(self, value: np.ndarray) -> np.ndarray:
-    if self.transpose:
-      return value.reshape(self.hf_shape[::-1]).T
-    return value.reshape(self.hf_shape)
-
-
 def _kernel(ours: str, hf: str, shape: tuple[int, ...], n_in: int) -> TensorMap:
+  """Our kernel [in..., out...] <-> a torch Linear weight [out, in]."""
   hf_shape = (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
-  return TensorMap(ours, hf, shape, hf_shape, transpose=True)
+  return TensorMap(ours, hf, hf_shape, shape, transpose=(1, 0))
 
 
 def _vector(ours: str, hf: str, shape: tuple[int, ...]) -> TensorMap:
-  return TensorMap(ours, hf, shape, (math.prod(shape),), transpose=False)
+  return TensorMap(ours, hf, (math.prod(shape),), shape)
 
 
 def hf_layout(c: LlamaConfig) -> list[TensorMap]:
   """Every parameter of ``Llama(c)`` with its transformers name and layout."""
   d, h, kv, hd, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
   embed = (c.vocab_size, d)
-  maps = [TensorMap("embed_tokens/embedding", "model.embed_tokens.weight", embed, embed, False),
+  maps = [TensorMap("embed_tokens/embedding", "model.embed_tokens.weight", embed, embed),
           _vector("norm/scale", "model.norm.weight", (d,))]
   if not c.tie_word_embeddings:
     maps.append(_kernel("lm_head/kernel", "lm_head.weight", (d, c.vocab_size), 1))
@@ -162,9 +139,7 @@ def params_to_hf(c: LlamaConfig, ours: Mapping[str, np.ndarray]) -> dict[str, np
 
 def build(config: LlamaConfig, params: Mapping[str, np.ndarray], source: str) -> Llama:
   """A ``Llama`` holding ``params``; no random initialisation is run."""
-  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  T.load_module_params(model, params, source)
-  return model
+  return T.build_module(lambda: Llama(config, rngs=nnx.Rngs(0)), params, source)
 
 
 # ----------------------------------------------------------------------------- folders
@@ -203,27 +178,15 @@ def export_hf(model: Llama, tokenizer, dst: str) -> None:
 
 def save_llm(model: Llama, tokenizer, dst: str) -> None:
   """Writes our converted checkpoint: config.json, model.safetensors, tokenizer."""
-  os.makedirs(dst, exist_ok=True)
-  T.write_json(os.path.join(dst, "config.json"),
-               {"format": FORMAT, "kind": LLM_KIND, "config": model.config.to_dict()})
-  T.write_safetensors(os.path.join(dst, "model.safetensors"), T.module_params(model))
+  T.write_converted(dst, LLM_KIND, model.config.to_dict(), model)
   if tokenizer is not None:
     tokenizer.save_pretrained(dst)
 
 
-def is_converted(folder: str) -> bool:
-  path = os.path.join(folder, "config.json")
-  return os.path.isfile(path) and T.read_json(path).get("format") == FORMAT
-
-
 def read_converted(folder: str, **overrides) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-  cfg_path = os.path.join(folder, "config.json")
-  meta = T.read_json(cfg_path)
-  if meta.get("kind") != LLM_KIND:
-    raise ConversionError(f"{cfg_path}: holds a {meta.get('kind')!r} checkpoint, not an LLM")
+  meta, params = T.read_converted(folder, LLM_KIND)
   try:
     config = LlamaConfig.from_dict({**meta["config"], **overrides})
-  except (KeyError, TypeError, ValueError) as e:
-    raise ConversionError(f"{cfg_path}: invalid LLM config ({e})") from e
-  return config, T.read_safetensors_file(os.path.join(folder, "model.safetensors"))
-
+  except (TypeError, ValueError) as e:
+    raise ConversionError(f"{folder}/config.json: invalid LLM config ({e})") from e
+  return config, params

@@ -8,7 +8,6 @@ the ``vision_model.`` / ``text_model.`` prefix (transformers 4 vs 5).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -18,11 +17,10 @@ import numpy as np
 from flax import nnx
 
 from metamorph.convert import tensors as T
-from metamorph.convert.tensors import ConversionError
+from metamorph.convert.tensors import ConversionError, TensorMap
 from metamorph.models.siglip import (Siglip, SiglipConfig, SiglipTextConfig, SiglipTextTower,
                                      SiglipVisionConfig, SiglipVisionTower)
 
-FORMAT = "metamorph"
 KIND = "siglip"
 TOWERS = ("vision", "text")
 
@@ -44,28 +42,6 @@ def tower_of(config: AnyConfig) -> str:
 
 
 # ----------------------------------------------------------------------------- layout
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-  """Our parameter ``ours`` [shape] <- transformers tensor ``hf`` [hf_shape]: first
-  rows ``rows`` of it (a fused in-projection), then ``transpose``, then reshape."""
-  ours: str
-  hf: str
-  hf_shape: tuple[int, ...]
-  shape: tuple[int, ...]
-  transpose: tuple[int, ...] | None = None
-  rows: tuple[int, int] | None = None
-
-  def from_hf(self, value: np.ndarray) -> np.ndarray:
-    if self.rows is not None:
-      value = value[self.rows[0]:self.rows[1]]
-    if self.transpose is not None:
-      value = value.transpose(self.transpose)
-    return value.reshape(self.shape)
-
-  def prefixed(self, ours: str, hf: str) -> TensorMap:
-    return dataclasses.replace(self, ours=ours + self.ours, hf=hf + self.hf)
 
 
 def _dense(ours: str, hf: str, d_in: tuple[int, ...], d_out: tuple[int, ...],
@@ -226,19 +202,11 @@ def load_hf_siglip(folder: str, tower: str | None = None,
   return config, params_from_hf(config, hf, _weights_source(folder), hf_prefix)
 
 
-def is_converted(folder: str) -> bool:
-  """Whether ``folder`` holds a checkpoint written by ``convert_siglip``."""
-  path = os.path.join(folder, "config.json")
-  return os.path.isfile(path) and T.read_json(path).get("format") == FORMAT
-
-
 def read_converted(folder: str, tower: str | None = None,
                    **overrides) -> tuple[AnyConfig, dict[str, np.ndarray]]:
   """(config, our flat params) from a folder written by ``convert_siglip``."""
   cfg_path = os.path.join(folder, "config.json")
-  meta = T.read_json(cfg_path)
-  if meta.get("kind") != KIND:
-    raise ConversionError(f"{cfg_path}: holds a {meta.get('kind')!r} checkpoint, not SigLIP")
+  meta, params = T.read_converted(folder, KIND)
   classes = {"full": SiglipConfig, "vision": SiglipVisionConfig, "text": SiglipTextConfig}
   if meta.get("tower") not in classes:
     raise ConversionError(f"{cfg_path}: 'tower' must be one of {sorted(classes)}, got {meta.get('tower')!r}")
@@ -248,7 +216,6 @@ def read_converted(folder: str, tower: str | None = None,
   except (KeyError, TypeError, ValueError) as e:
     raise ConversionError(f"{cfg_path}: invalid SigLIP config ({e})") from e
   config = _select(full, tower, cfg_path)
-  params = T.read_safetensors_file(os.path.join(folder, "model.safetensors"))
   if config is not full:
     prefix = f"{tower}/"
     params = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
@@ -261,7 +228,7 @@ def read_siglip(folder: str, tower: str | None = None,
   if not os.path.isdir(folder):
     raise ConversionError(f"{folder}: no such folder (expected a transformers SigLIP folder or "
                           "one written by `python -m metamorph.convert siglip`)")
-  if is_converted(folder):
+  if T.is_converted(folder):
     return read_converted(folder, tower, **overrides)
   return load_hf_siglip(folder, tower, **overrides)
 
@@ -271,9 +238,7 @@ def read_siglip(folder: str, tower: str | None = None,
 
 def build(config: AnyConfig, params: Mapping[str, np.ndarray], source: str) -> AnyModel:
   """The module for ``config`` holding ``params``; no random initialisation is run."""
-  module = nnx.eval_shape(lambda: _MODULES[type(config)](config, rngs=nnx.Rngs(0)))
-  T.load_module_params(module, params, source)
-  return module
+  return T.build_module(lambda: _MODULES[type(config)](config, rngs=nnx.Rngs(0)), params, source)
 
 
 def load_siglip(folder: str, tower: str | None = None, **overrides) -> AnyModel:
@@ -288,11 +253,7 @@ def load_siglip(folder: str, tower: str | None = None, **overrides) -> AnyModel:
 
 def save_siglip(module: AnyModel, dst: str) -> None:
   """Writes our checkpoint: ``config.json`` and ``model.safetensors``."""
-  os.makedirs(dst, exist_ok=True)
-  T.write_json(os.path.join(dst, "config.json"),
-               {"format": FORMAT, "kind": KIND, "tower": tower_of(module.config),
-                "config": module.config.to_dict()})
-  T.write_safetensors(os.path.join(dst, "model.safetensors"), T.module_params(module))
+  T.write_converted(dst, KIND, module.config.to_dict(), module, tower=tower_of(module.config))
 
 
 def convert_siglip(src: str, dst: str, tower: str | None = None) -> AnyModel:

@@ -5,6 +5,7 @@ clear error: which file, which tensor, what was expected.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -91,6 +92,39 @@ def take(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], s
   return value
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+  """Our parameter ``ours`` [shape] <-> a transformers tensor ``hf`` [hf_shape].
+
+  From transformers: take rows ``rows`` (one part of a fused projection), then
+  ``transpose`` (a permutation), then reshape to ``shape``. ``to_hf`` inverts it.
+  """
+  ours: str
+  hf: str
+  hf_shape: tuple[int, ...]
+  shape: tuple[int, ...]
+  transpose: tuple[int, ...] | None = None
+  rows: tuple[int, int] | None = None
+
+  def from_hf(self, value: np.ndarray) -> np.ndarray:
+    if self.rows is not None:
+      value = value[self.rows[0]:self.rows[1]]
+    if self.transpose is not None:
+      value = value.transpose(self.transpose)
+    return value.reshape(self.shape)
+
+  def to_hf(self, value: np.ndarray) -> np.ndarray:
+    if self.rows is not None:
+      raise NotImplementedError(f"{self.hf}: exporting one part of a fused tensor")
+    if self.transpose is None:
+      return value.reshape(self.hf_shape)
+    permuted = tuple(self.hf_shape[i] for i in self.transpose)
+    return value.reshape(permuted).transpose(np.argsort(self.transpose))
+
+  def prefixed(self, ours: str, hf: str) -> TensorMap:
+    return dataclasses.replace(self, ours=ours + self.ours, hf=hf + self.hf)
+
+
 def _key(path: tuple) -> str:
   return "/".join(str(p) for p in path)
 
@@ -122,3 +156,39 @@ def load_module_params(module: nnx.Module, tensors: Mapping[str, np.ndarray], so
           f"{source}: tensor '{key}' has shape {tuple(value.shape)}, the model expects {tuple(var.shape)}")
     updates.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
   nnx.update(module, nnx.from_flat_state(updates))
+
+
+def build_module(factory, params: Mapping[str, np.ndarray], source: str) -> nnx.Module:
+  """``factory()``'s module holding ``params``; no random initialisation is run."""
+  module = nnx.eval_shape(factory)
+  load_module_params(module, params, source)
+  return module
+
+
+# ----------------------------------------------------------------------------- our folders
+
+FORMAT = "metamorph"  # config.json's "format" in folders we write
+
+
+def is_converted(folder: str) -> bool:
+  """Whether ``folder`` holds a checkpoint in our format (any kind)."""
+  path = os.path.join(folder, "config.json")
+  return os.path.isfile(path) and read_json(path).get("format") == FORMAT
+
+
+def write_converted(dst: str, kind: str, config: Mapping, module: nnx.Module, **meta) -> None:
+  """Writes ``dst/config.json`` ({format, kind, config, **meta}) and ``dst/model.safetensors``."""
+  os.makedirs(dst, exist_ok=True)
+  write_json(os.path.join(dst, "config.json"), {"format": FORMAT, "kind": kind, "config": dict(config), **meta})
+  write_safetensors(os.path.join(dst, "model.safetensors"), module_params(module))
+
+
+def read_converted(folder: str, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json contents, flat params) of a folder written by ``write_converted``."""
+  cfg_path = os.path.join(folder, "config.json")
+  meta = read_json(cfg_path)
+  if meta.get("kind") != kind:
+    raise ConversionError(f"{cfg_path}: holds a {meta.get('kind')!r} checkpoint, not {kind!r}")
+  if not isinstance(meta.get("config"), dict):
+    raise ConversionError(f"{cfg_path}: no 'config' object")
+  return meta, read_safetensors_file(os.path.join(folder, "model.safetensors"))

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from metamorph.models.config import ModelConfig
 from metamorph.sharding import constrain, logical_init
 
 _NEG_INF = -1e30  # finite, so fully masked (padding) rows stay NaN-free
@@ -40,7 +41,7 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ModelConfig):
   """Architecture and numerics of a LLaMA-family decoder."""
   vocab_size: int
   hidden_size: int
@@ -69,19 +70,8 @@ class LlamaConfig:
         raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
     jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # raises on a bad dtype name
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
-  @classmethod
-  def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-      raise ValueError(f"unknown LlamaConfig fields {unknown}; known: {sorted(known)}")
-    return cls(**data)
 
-  def replace(self, **changes) -> LlamaConfig:
-    return dataclasses.replace(self, **changes)
 
 
 class KVCache(NamedTuple):

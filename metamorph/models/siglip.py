@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from metamorph.models.config import ModelConfig
 from metamorph.sharding import constrain, logical_init
 
 _NEG_INF = -1e30  # finite, so a fully masked row stays NaN-free
@@ -37,7 +38,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class _EncoderConfig:
+class _EncoderConfig(ModelConfig):
   """Fields shared by both towers; defaults are transformers' (SigLIP base)."""
   hidden_size: int = 768
   intermediate_size: int = 3072
@@ -63,16 +64,7 @@ class _EncoderConfig:
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
-  @classmethod
-  def from_dict(cls, data: Mapping[str, Any]):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-      raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
-    return cls(**data)
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides):
@@ -82,8 +74,6 @@ class _EncoderConfig:
     values = {k: hf[k] for k in names if hf.get(k) is not None}
     return cls(**{**values, **overrides})
 
-  def replace(self, **changes):
-    return dataclasses.replace(self, **changes)
 
 
 def _square_size(value: int | list | tuple, name: str) -> int:
@@ -463,10 +453,10 @@ def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
 
 
 def _isqrt_exact(n: int, what: str) -> int:
-  root = math.isqrt(n) if n > 0 else 0
-  if root * root != n or n <= 0:
+  """sqrt(n) for a positive perfect square ``n``, else a ValueError about ``what``."""
+  if n <= 0 or math.isqrt(n) ** 2 != n:
     raise ValueError(f"{what} must be a positive perfect square, got {n}")
-  return root
+  return math.isqrt(n)
 
 
 def reduce_grid(features: jax.Array, m: int) -> jax.Array:

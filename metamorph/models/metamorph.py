@@ -1,0 +1,169 @@
+"""The unified MetaMorph model: an LLM that reads and predicts SigLIP visual tokens.
+
+Inputs interleave text tokens and visual slots. A slot's embedding is the input
+projector (mlp2x_gelu) applied to its visual token; the vision head maps the
+last hidden state to an L2-normalised visual token. The VPiT loss is
+cross-entropy on response text plus ``vision_coef`` x (-cosine) between the
+vision head's output at position i and the target visual token at i + 1.
+
+Batch contract (all [B, T] unless stated; produced by ``metamorph.data``):
+  input_ids           int32, any id at visual slots (ignored there)
+  positions           int32 RoPE positions
+  segment_ids         int32, 0 = padding, packed records count 1, 2, ...
+  labels              int32 aligned with input_ids: the id to predict *at* t
+                      (from position t - 1); -100 = no text loss
+  visual_index        int32, -1 for text, else an index into the row's
+                      flattened visual tokens [I * m]
+  visual_target_mask  bool, True at response visual slots (regression targets)
+  visual_tokens       float [B, I, m, Dv], L2-normalised SigLIP tokens
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from metamorph.convert.tensors import build_module, module_params
+from metamorph.models.llama import Llama, LlamaConfig
+from metamorph.models.siglip import l2_normalize
+from metamorph.models.config import ModelConfig
+from metamorph.sharding import constrain, logical_init
+
+IGNORE = -100
+IMAGE_START, IMAGE_END = "<image_start>", "<image_end>"
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaMorphConfig(ModelConfig):
+  llm: LlamaConfig
+  vision_dim: int               # width Dv of the visual tokens (SigLIP hidden size)
+  num_visual_tokens: int = 64   # m tokens per image
+  vision_coef: float = 1.0      # weight of the cosine loss; 0 in the connector stage
+  image_start_id: int = -1      # token ids set by ``add_image_tokens``
+  image_end_id: int = -1
+
+  def __post_init__(self):
+    if isinstance(self.llm, dict):
+      object.__setattr__(self, "llm", LlamaConfig.from_dict(self.llm))
+    if self.vision_dim <= 0 or self.num_visual_tokens <= 0:
+      raise ValueError(f"vision_dim and num_visual_tokens must be positive, got "
+                       f"{self.vision_dim} and {self.num_visual_tokens}")
+    if self.vision_coef < 0:
+      raise ValueError(f"vision_coef must be >= 0, got {self.vision_coef}")
+
+
+
+
+class TwoLayerMLP(nnx.Module):
+  """Linear -> GELU (exact) -> Linear, with logical axis names (in, 'mlp', out)."""
+
+  def __init__(self, d_in: int, d_hidden: int, d_out: int, names: tuple[str, str], *,
+               dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    init = nnx.initializers.lecun_normal()
+    self.fc1 = nnx.Linear(d_in, d_hidden, kernel_init=logical_init(init, names[0], "mlp"),
+                          bias_init=logical_init(nnx.initializers.zeros, "mlp"), **kw)
+    self.fc2 = nnx.Linear(d_hidden, d_out, kernel_init=logical_init(init, "mlp", names[1]),
+                          bias_init=logical_init(nnx.initializers.zeros, names[1]), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class MetaMorph(nnx.Module):
+  """LLM + input projector + vision head."""
+
+  def __init__(self, config: MetaMorphConfig, *, rngs: nnx.Rngs, llm: Llama | None = None):
+    if llm is not None and llm.config != config.llm:
+      raise ValueError("the given llm's config differs from config.llm")
+    self.config = config
+    c = config.llm
+    dtypes = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    self.llm = llm if llm is not None else Llama(c, rngs=rngs)
+    self.projector = TwoLayerMLP(config.vision_dim, c.hidden_size, c.hidden_size,
+                                 ("vis_embed", "embed"), rngs=rngs, **dtypes)
+    self.vision_head = TwoLayerMLP(c.hidden_size, c.hidden_size, config.vision_dim,
+                                   ("embed", "vis_embed"), rngs=rngs, **dtypes)
+
+  def embed(self, input_ids: jax.Array, visual_index: jax.Array,
+            visual_tokens: jax.Array) -> jax.Array:
+    """Text embeddings with visual slots replaced by projected visual tokens -> [B, T, H]."""
+    text = self.llm.embed(input_ids)  # [B, T, H]
+    visual = self.projector(gather_visual(visual_tokens, visual_index))  # [B, T, H]
+    return constrain(jnp.where((visual_index >= 0)[..., None], visual.astype(text.dtype), text),
+                     "batch", "length", "act_embed")
+
+  def predict_visual(self, hidden: jax.Array) -> jax.Array:
+    """[B, T, H] -> L2-normalised visual tokens [B, T, Dv] (float32)."""
+    return l2_normalize(self.vision_head(hidden))
+
+  def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """-> (logits [B, T, V] float32, predicted visual tokens [B, T, Dv] float32)."""
+    embeds = self.embed(batch["input_ids"], batch["visual_index"], batch["visual_tokens"])
+    hidden, _ = self.llm.forward(embeds, positions=batch["positions"], segment_ids=batch["segment_ids"])
+    return self.llm.logits(hidden), self.predict_visual(hidden)
+
+
+def gather_visual(visual_tokens: jax.Array, visual_index: jax.Array) -> jax.Array:
+  """visual_tokens [B, I, m, Dv] or [B, I*m, Dv], visual_index [B, T] -> [B, T, Dv]
+  (rows of text positions, index -1, hold token 0 and must be masked by the caller)."""
+  b, dv = visual_tokens.shape[0], visual_tokens.shape[-1]
+  flat = visual_tokens.reshape(b, -1, dv)
+  return jnp.take_along_axis(flat, jnp.maximum(visual_index, 0)[..., None], axis=1)
+
+
+def vpit_loss(logits: jax.Array, predicted: jax.Array, batch: dict[str, jax.Array],
+              vision_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """VPiT loss -> (total, {loss_text, loss_vision, text_tokens, visual_targets}).
+
+  Position t predicts the label / visual token at t + 1 within the same segment.
+  Means are over the counted targets (0 when there are none).
+  """
+  same_segment = (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]) & (batch["segment_ids"][:, 1:] > 0)
+  labels = batch["labels"][:, 1:]
+  text_mask = (labels != IGNORE) & same_segment
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+  text_count = text_mask.sum()
+  loss_text = jnp.where(text_mask, nll, 0.0).sum() / jnp.maximum(text_count, 1)
+
+  targets = jax.lax.stop_gradient(gather_visual(batch["visual_tokens"], batch["visual_index"])[:, 1:])
+  vis_mask = batch["visual_target_mask"][:, 1:] & same_segment
+  cosine = jnp.sum(predicted[:, :-1].astype(jnp.float32) * targets.astype(jnp.float32), axis=-1)
+  vis_count = vis_mask.sum()
+  loss_vision = -jnp.where(vis_mask, cosine, 0.0).sum() / jnp.maximum(vis_count, 1)
+
+  total = loss_text + vision_coef * loss_vision
+  return total, {"loss_text": loss_text, "loss_vision": loss_vision,
+                 "text_tokens": text_count, "visual_targets": vis_count}
+
+
+# ----------------------------------------------------------------------------- tokens
+
+def resize_vocab(llm: Llama, vocab_size: int) -> Llama:
+  """A copy of ``llm`` with ``vocab_size`` rows; new embedding (and untied LM-head)
+  rows are the mean of the existing ones."""
+  old = llm.config.vocab_size
+  if vocab_size < old:
+    raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+  params = module_params(llm)
+  extra = vocab_size - old
+  table = params["embed_tokens/embedding"]  # [V, D]
+  params["embed_tokens/embedding"] = np.concatenate([table, np.repeat(table.mean(0, keepdims=True), extra, 0)])
+  if "lm_head/kernel" in params:
+    head = params["lm_head/kernel"]  # [D, V]
+    params["lm_head/kernel"] = np.concatenate([head, np.repeat(head.mean(1, keepdims=True), extra, 1)], 1)
+  config = llm.config.replace(vocab_size=vocab_size)
+  return build_module(lambda: Llama(config, rngs=nnx.Rngs(0)), params, "resize_vocab")
+
+
+def add_image_tokens(llm: Llama, tokenizer) -> tuple[Llama, int, int]:
+  """Adds ``<image_start>``/``<image_end>`` to ``tokenizer`` (in place) and returns
+  (llm resized to the tokenizer, image_start_id, image_end_id)."""
+  tokenizer.add_tokens([IMAGE_START, IMAGE_END], special_tokens=True)  # no-op if present
+  start, end = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+  vocab = max(len(tokenizer), llm.config.vocab_size)
+  return (resize_vocab(llm, vocab) if vocab > llm.config.vocab_size else llm), start, end
