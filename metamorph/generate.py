@@ -16,6 +16,8 @@ from flax import nnx
 
 from metamorph.models.llama import Llama
 
+PROMPT_BUCKET = 32  # prompt lengths are rounded up to this, so similar prompts share one compilation
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1):
   """(ids [B, P], segment_ids [B, P], positions [B, P]) with P rounded up to ``multiple``."""
@@ -62,7 +64,7 @@ def greedy_generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_t
   """Greedy continuations of token-id ``prompts``, each cut after its first EOS."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  ids, segments, positions = left_pad(prompts, pad_id)
+  ids, segments, positions = left_pad(prompts, pad_id, multiple=PROMPT_BUCKET)
   graphdef, state = nnx.split(model)
   eos = jnp.asarray(list(eos_ids), jnp.int32)
   out = np.asarray(_greedy(graphdef, state, ids, segments, positions, eos, max_new_tokens))

@@ -240,21 +240,6 @@ def test_configs_round_trip_and_validate():
   assert ours == S.SiglipVisionConfig(**ENCODER, image_size=IMAGE, patch_size=PATCH)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: S.Siglip(S.SiglipConfig(S.SiglipVisionConfig(**ENCODER, image_size=IMAGE, patch_size=PATCH),
-                                    S.SiglipTextConfig(**ENCODER)), rngs=nnx.Rngs(0)),
-    lambda: S.SiglipVisionTower(S.SiglipVisionConfig(**ENCODER, vision_use_head=False), rngs=nnx.Rngs(0)),
-])
-def test_every_param_has_logical_axis_names(make):
-  known = {name for name, _ in sharding.AXIS_RULES}
-  flat = nnx.to_flat_state(nnx.state(nnx.eval_shape(make), nnx.Param))
-  assert len(flat) > 20
-  for path, var in flat:
-    names = var.get_metadata().get("out_sharding")
-    assert names is not None and len(names) == len(var.shape), path
-    assert set(names) - {None} <= known, path
-
-
 def test_jit_under_a_mesh_with_the_axis_rules():
   """The sharding annotations fit every activation's rank inside a (1, 1, 1) mesh."""
   config = S.SiglipConfig(S.SiglipVisionConfig(**ENCODER, image_size=IMAGE, patch_size=PATCH),
