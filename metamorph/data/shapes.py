@@ -47,6 +47,7 @@ COLORS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
+ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position")
 
 # Half the side of the bounding box, in units of the image side.
 HALF_EXTENT: dict[str, float] = {"small": 0.12, "large": 0.20}
@@ -103,11 +104,9 @@ class Shape:
         raise ValueError(f"center must lie in [0, 1]^2, got {self.center!r}")
       object.__setattr__(self, "center", (cx, cy))
 
-  @property
   def attributes(self) -> dict[str, str]:
-    """The four discrete attributes, as the oracle returns them."""
-    return {"color": self.color, "shape": self.shape, "size": self.size,
-            "position": self.position}
+    """The discrete attributes (``ATTRIBUTES``), as the oracle returns them."""
+    return {k: getattr(self, k) for k in ATTRIBUTES}
 
 
 def nearest_position(center: tuple[float, float]) -> str:
