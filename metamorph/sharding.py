@@ -8,13 +8,14 @@ unchanged on one device.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from flax import nnx
 from flax.core import spmd
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -65,24 +66,47 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   if mesh.empty:
     return x
   spec = logical_to_spec(names, spmd.get_logical_axis_rules() or AXIS_RULES)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fit(spec, mesh)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fit_spec(spec, x.shape, mesh)))
 
 
-def _fit(spec: PartitionSpec, mesh) -> PartitionSpec:
-  """Drops mesh axes that the mesh does not have (e.g. a 1-axis test mesh)."""
-  def keep(axis):
-    if axis is None:
-      return None
-    axes = (axis,) if isinstance(axis, str) else tuple(axis)
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+  """A ``(data, fsdp, tensor)`` mesh over all devices; one size may be -1 (the rest)."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes (data, fsdp, tensor) = {tuple(sizes)}: each must be >= 1, "
+                     "and at most one may be -1")
+  known = -math.prod(sizes) if -1 in sizes else math.prod(sizes)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed sizes "
+                       f"{tuple(sizes)}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} needs {math.prod(sizes)} devices, "
+                     f"but {len(devices)} are available; use -1 for one axis to take the rest")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """``spec`` without the mesh axes a dimension is not divisible by (they replicate)."""
+  out = []
+  for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
     axes = tuple(a for a in axes if a in mesh.axis_names)
-    return axes if len(axes) > 1 else (axes[0] if axes else None)
-  return PartitionSpec(*map(keep, spec))
+    while axes and dim % math.prod(mesh.shape[a] for a in axes):
+      axes = axes[:-1]
+    out.append(axes if len(axes) > 1 else (axes[0] if axes else None))
+  return PartitionSpec(*out)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = AXIS_RULES) -> nnx.State:
-  """``NamedSharding`` for every leaf of an ``nnx.State`` from its logical names."""
+def tree_shardings(tree, mesh: Mesh, rules: Sequence[tuple[str, Any]] = AXIS_RULES):
+  """``NamedSharding`` for every array leaf of ``tree`` (params, optimizer state...):
+  from the logical names of ``nnx.Variable`` leaves, replicated for the rest."""
   def one(leaf):
-    names = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
-    return NamedSharding(mesh, _fit(logical_to_spec(names, rules), mesh))
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if isinstance(leaf, nnx.Variable):
+      names = leaf.get_metadata().get("out_sharding")
+      spec = fit_spec(logical_to_spec(names, rules), leaf.shape, mesh)
+      return leaf.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -274,3 +274,109 @@ def sample_scene(rng: np.random.Generator, n_objects: int = 1,
 def scene_rng(seed: int, index: int) -> np.random.Generator:
   """Independent, reproducible generator for example ``index`` of a dataset."""
   return np.random.default_rng([seed, index])
+
+
+# --- command line -----------------------------------------------------------------
+
+WORLD_FILE = "world.json"
+SPLITS = ("train", "validation")
+
+
+def build_world(out_dir: str, n: int, seed: int = 0, holdout: Sequence[str | Sequence[str]] = (),
+                image_size: int = DEFAULT_SIZE, val_n: int = 1000, tasks: str | None = None,
+                progress: bool = True) -> dict:
+  """Writes a whole world under ``out_dir`` and returns what ``world.json`` holds.
+
+  Files: ``train.jsonl`` (n records) and ``validation.jsonl`` (val_n records, its
+  own seed stream, see ``shapes_tasks.example_rng``), their PNGs under
+  ``images/``, ``eval_t2i.jsonl`` (text-to-image prompts of held-out and seen
+  pairs), the tokenizer under ``tokenizer/`` and ``world.json``.
+  """
+  import json
+  import os
+
+  from metamorph.data import shapes_tasks, world_tokenizer
+  pairs = shapes_tasks.normalize_holdout(holdout)
+  mix = shapes_tasks.resolve_mix(tasks)
+  counts, files = {}, {}
+  for split, size in zip(SPLITS, (n, val_n)):
+    if size > 0:
+      counts[split] = shapes_tasks.write_world(out_dir, size, seed, pairs, image_size, mix, split, progress)
+      files[split] = f"{split}.jsonl"
+  path, n_eval = shapes_tasks.write_eval_prompts(out_dir, pairs, seed)
+  files["eval_t2i"] = os.path.basename(path)
+  tokenizer = world_tokenizer.build_world_tokenizer(os.path.join(out_dir, "tokenizer"))
+  world = {
+    "args": {"n": n, "val_n": val_n, "seed": seed, "image_size": image_size,
+             "holdout": [f"{c}:{s}" for c, s in pairs], "tasks": mix},
+    "holdout": [list(p) for p in pairs],
+    "counts": counts,
+    "eval_prompts": n_eval,
+    "files": {**files, "images": "images", "tokenizer": "tokenizer"},
+    "vocab_size": len(tokenizer),
+  }
+  with open(os.path.join(out_dir, WORLD_FILE), "w", encoding="utf-8") as f:
+    json.dump(world, f, indent=2)
+    f.write("\n")
+  return world
+
+
+def _parser():
+  import argparse
+  parser = argparse.ArgumentParser(
+    prog="python -m metamorph.data.shapes",
+    description="Write a shapes world: conversation records (JSONL) for every task kind, "
+                "their PNG images, evaluation prompts and the word-level tokenizer.")
+  parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--n", type=int, default=20000, help="training records (default 20000)")
+  parser.add_argument("--val-n", type=int, default=1000, help="validation records (default 1000; 0: none)")
+  parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+  parser.add_argument("--holdout", nargs="+", action="extend", default=[], metavar="COLOR:SHAPE",
+                      help="(colour, shape) pairs never generated in training, e.g. red:circle "
+                           f"(colours: {', '.join(COLORS)}; shapes: {', '.join(SHAPES)})")
+  parser.add_argument("--image-size", type=int, default=DEFAULT_SIZE, help=f"image side in pixels "
+                      f"(default {DEFAULT_SIZE}, at least {MIN_SIZE})")
+  parser.add_argument("--tasks", default=None,
+                      help="task kinds and optional weights, e.g. 'qa,t2i' or 'qa:3,t2i:1' or "
+                           "'understanding,t2i:0.05' (kinds: qa, t2i, edit, think, next_frame, video_qa, "
+                           "multi_image, text; groups: all, generation, understanding; default: the "
+                           "default mix)")
+  parser.add_argument("--overwrite", action="store_true", help="write into a folder that holds a world")
+  parser.add_argument("--quiet", action="store_true", help="no progress bars")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line; returns 0, or exits with status 2 on bad arguments."""
+  import os
+
+  from metamorph.data import shapes_tasks
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.n < 1 or args.val_n < 0:
+    parser.error(f"--n must be >= 1 and --val-n >= 0, got {args.n} and {args.val_n}")
+  if args.seed < 0:
+    parser.error(f"--seed must be >= 0, got {args.seed}")
+  if args.image_size < MIN_SIZE:
+    parser.error(f"--image-size must be >= {MIN_SIZE}, got {args.image_size}")
+  specs = [s for item in args.holdout for s in item.split(",") if s.strip()]
+  try:
+    holdout = shapes_tasks.normalize_holdout(specs)
+    shapes_tasks.resolve_mix(args.tasks)
+  except ValueError as e:
+    parser.error(str(e))
+  if os.path.exists(os.path.join(args.out, WORLD_FILE)) and not args.overwrite:
+    parser.error(f"{args.out} already holds a world ({WORLD_FILE}); pass --overwrite to replace it")
+  world = build_world(args.out, args.n, args.seed, holdout, args.image_size, args.val_n, args.tasks,
+                      progress=not args.quiet)
+  # The JSONL -> TFDS conversion (another step) starts here, from the files in world["files"].
+  for split, counts in world["counts"].items():
+    print(f"{split}: {sum(counts.values())} records " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+  print(f"wrote {args.out} (holdout {world['args']['holdout'] or 'none'}, "
+        f"{world['eval_prompts']} eval prompts, vocab {world['vocab_size']})")
+  return 0
+
+
+if __name__ == "__main__":
+  import sys
+  sys.exit(main())

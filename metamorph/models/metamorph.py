@@ -28,7 +28,7 @@ from flax import nnx
 
 from metamorph.convert.tensors import build_module, module_params
 from metamorph.models.llama import Llama, LlamaConfig
-from metamorph.models.siglip import l2_normalize
+from metamorph.models.siglip import SiglipVisionConfig, SiglipVisionTower, l2_normalize, visual_tokens
 from metamorph.models.config import ModelConfig
 from metamorph.sharding import constrain, logical_init
 
@@ -44,10 +44,16 @@ class MetaMorphConfig(ModelConfig):
   vision_coef: float = 1.0      # weight of the cosine loss; 0 in the connector stage
   image_start_id: int = -1      # token ids set by ``add_image_tokens``
   image_end_id: int = -1
+  vision: SiglipVisionConfig | None = None  # the (frozen) encoder; None: tokens come from outside
 
   def __post_init__(self):
     if isinstance(self.llm, dict):
       object.__setattr__(self, "llm", LlamaConfig.from_dict(self.llm))
+    if isinstance(self.vision, dict):
+      object.__setattr__(self, "vision", SiglipVisionConfig.from_dict(self.vision))
+    if self.vision is not None and self.vision.hidden_size != self.vision_dim:
+      raise ValueError(f"vision_dim ({self.vision_dim}) must equal the encoder width "
+                       f"({self.vision.hidden_size})")
     if self.vision_dim <= 0 or self.num_visual_tokens <= 0:
       raise ValueError(f"vision_dim and num_visual_tokens must be positive, got "
                        f"{self.vision_dim} and {self.num_visual_tokens}")
@@ -74,19 +80,34 @@ class TwoLayerMLP(nnx.Module):
 
 
 class MetaMorph(nnx.Module):
-  """LLM + input projector + vision head."""
+  """LLM + input projector + vision head (+ the SigLIP encoder when configured)."""
 
-  def __init__(self, config: MetaMorphConfig, *, rngs: nnx.Rngs, llm: Llama | None = None):
+  def __init__(self, config: MetaMorphConfig, *, rngs: nnx.Rngs, llm: Llama | None = None,
+               vision: SiglipVisionTower | None = None):
     if llm is not None and llm.config != config.llm:
       raise ValueError("the given llm's config differs from config.llm")
+    if vision is not None and vision.config != config.vision:
+      raise ValueError("the given vision tower's config differs from config.vision")
     self.config = config
     c = config.llm
     dtypes = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     self.llm = llm if llm is not None else Llama(c, rngs=rngs)
+    if config.vision is not None:
+      self.vision = vision if vision is not None else SiglipVisionTower(config.vision, rngs=rngs)
+    else:
+      self.vision = None
     self.projector = TwoLayerMLP(config.vision_dim, c.hidden_size, c.hidden_size,
                                  ("vis_embed", "embed"), rngs=rngs, **dtypes)
     self.vision_head = TwoLayerMLP(c.hidden_size, c.hidden_size, config.vision_dim,
                                    ("embed", "vis_embed"), rngs=rngs, **dtypes)
+
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """images [..., H, W, 3] in [-1, 1] -> visual tokens [..., m, Dv] (float32, unit norm)."""
+    if self.vision is None:
+      raise ValueError("this model has no vision encoder (MetaMorphConfig.vision is None)")
+    lead = images.shape[:-3]
+    tokens = visual_tokens(self.vision, images.reshape(-1, *images.shape[-3:]), self.config.num_visual_tokens)
+    return tokens.reshape(*lead, *tokens.shape[1:])
 
   def embed(self, input_ids: jax.Array, visual_index: jax.Array,
             visual_tokens: jax.Array) -> jax.Array:
@@ -115,30 +136,39 @@ def gather_visual(visual_tokens: jax.Array, visual_index: jax.Array) -> jax.Arra
   return jnp.take_along_axis(flat, jnp.maximum(visual_index, 0)[..., None], axis=1)
 
 
+def loss_masks(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(text targets, visual targets), each [B, T - 1] bool: position t predicts t + 1
+  within the same (non-padding) segment."""
+  segments = batch["segment_ids"]
+  same_segment = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+  return ((batch["labels"][:, 1:] != IGNORE) & same_segment,
+          batch["visual_target_mask"][:, 1:] & same_segment)
+
+
 def vpit_loss(logits: jax.Array, predicted: jax.Array, batch: dict[str, jax.Array],
-              vision_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+              vision_coef: float, counts: tuple[jax.Array, jax.Array] | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """VPiT loss -> (total, {loss_text, loss_vision, text_tokens, visual_targets}).
 
   Position t predicts the label / visual token at t + 1 within the same segment.
-  Means are over the counted targets (0 when there are none).
+  Sums are divided by ``counts`` = (text targets, visual targets), by default this
+  batch's (pass the global counts when accumulating micro-batches); 0 targets
+  give a loss of 0.
   """
-  same_segment = (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]) & (batch["segment_ids"][:, 1:] > 0)
+  text_mask, vis_mask = loss_masks(batch)
+  text_count, vis_count = counts if counts is not None else (text_mask.sum(), vis_mask.sum())
   labels = batch["labels"][:, 1:]
-  text_mask = (labels != IGNORE) & same_segment
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-  text_count = text_mask.sum()
   loss_text = jnp.where(text_mask, nll, 0.0).sum() / jnp.maximum(text_count, 1)
 
   targets = jax.lax.stop_gradient(gather_visual(batch["visual_tokens"], batch["visual_index"])[:, 1:])
-  vis_mask = batch["visual_target_mask"][:, 1:] & same_segment
   cosine = jnp.sum(predicted[:, :-1].astype(jnp.float32) * targets.astype(jnp.float32), axis=-1)
-  vis_count = vis_mask.sum()
   loss_vision = -jnp.where(vis_mask, cosine, 0.0).sum() / jnp.maximum(vis_count, 1)
 
   total = loss_text + vision_coef * loss_vision
   return total, {"loss_text": loss_text, "loss_vision": loss_vision,
-                 "text_tokens": text_count, "visual_targets": vis_count}
+                 "text_tokens": text_mask.sum(), "visual_targets": vis_mask.sum()}
 
 
 # ----------------------------------------------------------------------------- tokens
