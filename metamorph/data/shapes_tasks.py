@@ -259,10 +259,9 @@ class _Example:
 def _qa_question(rng: np.random.Generator, kind: str, objs: tuple[Shape, ...]) -> tuple[str, str, str]:
   """(question, answer text, canonical answer) about a one- or two-object scene."""
   target = objs[int(rng.integers(len(objs)))]
-  if len(objs) == 1:
-    ref = _pick(rng, OBJECT_NOUNS)
-  else:
-    ref = TEMPLATES["ref_at"][0].format(noun=_pick(rng, OBJECT_NOUNS), where=WHERE[target.position])
+  noun = _pick(rng, OBJECT_NOUNS)
+  noun = "object" if kind == "shape" else noun  # not "What shape is the shape?"
+  ref = noun if len(objs) == 1 else TEMPLATES["ref_at"][0].format(noun=noun, where=WHERE[target.position])
   if kind == "color":
     return _t(rng, "qa_color", ref=ref), target.color, target.color
   if kind == "shape":

@@ -1,0 +1,230 @@
+"""The shapes world's conversation records: determinism, validity, holdout, grading, CLI."""
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from metamorph.data import oracle, shapes, shapes_tasks
+from metamorph.data.records import parse_record
+from metamorph.data.shapes_tasks import IMAGE, TASKS
+
+HOLDOUT = (("blue", "square"), ("red", "circle"))
+
+
+@pytest.fixture(scope="module")
+def examples():
+  """800 (record, images) of the default mix with HOLDOUT."""
+  return [shapes_tasks.make_example(1, i, holdout=HOLDOUT) for i in range(800)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """A small world on disk: (out_dir, counts, records)."""
+  out = str(tmp_path_factory.mktemp("world"))
+  counts = shapes_tasks.write_world(out, 150, 5, holdout=["red:circle", "blue:square"], progress=False)
+  with open(os.path.join(out, "train.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return out, counts, records
+
+
+def _files(root: str) -> dict[str, bytes]:
+  out = {}
+  for d, _, names in os.walk(root):
+    for n in names:
+      with open(os.path.join(d, n), "rb") as f:
+        out[os.path.relpath(os.path.join(d, n), root)] = f.read()
+  return out
+
+
+def _generated(record: dict) -> list[int]:
+  """Indices (into record['image']) of the images inside gpt turns."""
+  out, k = [], 0
+  for turn in record["conversations"]:
+    for _ in range(turn["value"].count(IMAGE)):
+      if turn["from"] == "gpt":
+        out.append(k)
+      k += 1
+  return out
+
+
+def test_make_example_is_deterministic():
+  for i in range(40):
+    (ra, ia), (rb, ib) = (shapes_tasks.make_example(3, i, holdout=HOLDOUT) for _ in range(2))
+    assert ra == rb and len(ia) == len(ib)
+    for a, b in zip(ia, ib):
+      np.testing.assert_array_equal(a, b)
+  assert [shapes_tasks.make_example(3, i)[0]["conversations"] for i in range(20)] != \
+    [shapes_tasks.make_example(4, i)[0]["conversations"] for i in range(20)]
+  # validation draws from its own stream
+  train = [shapes_tasks.make_example(0, i)[0]["conversations"] for i in range(20)]
+  val = [shapes_tasks.make_example(0, i, split="validation")[0]["conversations"] for i in range(20)]
+  assert train != val
+
+
+def test_write_world_is_byte_identical(tmp_path, world):
+  out, counts, _ = world
+  again = shapes_tasks.write_world(str(tmp_path), 150, 5, holdout=HOLDOUT, progress=False)
+  assert again == counts and sum(counts.values()) == 150
+  assert _files(str(tmp_path)) == _files(out)
+
+
+def test_every_task_kind_and_validity(examples):
+  records = [r for r, _ in examples]
+  assert set(r["task"] for r in records) == set(TASKS)
+  for record, images in examples:
+    shapes_tasks.validate_record(record)
+    parse_record(record)  # the project's reader accepts it
+    assert len(images) == len(record.get("image", []))
+    assert all(img.shape == (32, 32, 3) and img.dtype == np.uint8 for img in images)
+    roles = [t["from"] for t in record["conversations"]]
+    assert roles == ["human", "gpt"] * (len(roles) // 2)
+    assert ("image" in record) == any(IMAGE in t["value"] for t in record["conversations"])
+    assert len(record["meta"].get("targets", [])) == len(_generated(record))
+    assert (record["task"] in shapes_tasks.GENERATION_TASKS) == bool(_generated(record))
+  ids = [r["id"] for r in records]
+  names = [n for r in records for n in r.get("image", [])]
+  assert len(set(ids)) == len(ids) and len(set(names)) == len(names)
+
+
+def test_qa_subkinds_and_paraphrases(examples):
+  kinds = collections.Counter(k for r, _ in examples if r["task"] == "qa" for k in r["meta"]["questions"])
+  assert set(kinds) == set(shapes_tasks.QA_KINDS)
+  counts = [r["meta"]["answers"] for r, _ in examples if "count" in r["meta"].get("questions", [])]
+  assert {"one", "two"} <= {a for ans in counts for a in ans}
+  t2i = {r["conversations"][0]["value"].split(" a ")[0] for r, _ in examples if r["task"] == "t2i"}
+  assert len(t2i) >= 4
+  edits = collections.Counter(r["meta"]["edits"][0] for r, _ in examples if r["task"] == "edit")
+  assert set(edits) == set(shapes_tasks.EDIT_KINDS)
+
+
+def test_task_selection():
+  for tasks, allowed in [("generation", shapes_tasks.GENERATION_TASKS), (["qa"], ("qa",)),
+                         ({"t2i": 1, "text": 1}, ("t2i", "text")), ("understanding,t2i:0.5", None)]:
+    got = {shapes_tasks.make_example(0, i, tasks=tasks)[0]["task"] for i in range(120)}
+    if allowed is not None:
+      assert got == set(allowed)
+    else:
+      assert got == set(shapes_tasks.UNDERSTANDING_TASKS) | {"t2i"}
+  mix = shapes_tasks.resolve_mix("qa:3,t2i:1")
+  assert mix == {"qa": 0.75, "t2i": 0.25}
+  assert abs(sum(shapes_tasks.resolve_mix(None).values()) - 1) < 1e-12
+  for bad in ["qa,pizza", "qa:x", "qa:-1", {"qa": 0}]:
+    with pytest.raises(ValueError):
+      shapes_tasks.resolve_mix(bad)
+
+
+def test_holdout_never_generated_but_seen_in_prompts(examples):
+  seen_in_prompts = collections.Counter()
+  for record, images in examples:
+    for target in record["meta"].get("targets", []):
+      assert (target["color"], target["shape"]) not in HOLDOUT, record
+    generated = set(_generated(record))
+    for k in generated:  # the pixels agree
+      read = oracle.read_image(images[k])
+      assert (read["color"], read["shape"]) not in HOLDOUT
+    if record["task"] == "qa":  # the one prompt image
+      for o in oracle.read_objects(images[0]):
+        seen_in_prompts[(o["color"], o["shape"])] += 1
+  assert all(seen_in_prompts[p] > 0 for p in HOLDOUT)
+  # text-to-image prompts never ask for a held-out pair
+  for record, _ in examples:
+    if record["task"] == "t2i":
+      prompt = record["conversations"][0]["value"]
+      assert "red circle" not in prompt and "blue square" not in prompt
+
+
+def test_meta_targets_match_the_pngs(world):
+  out, _, records = world
+  checked = collections.Counter()
+  for record in records:
+    shapes_tasks.validate_record(record)
+    for k, target in zip(_generated(record), record["meta"].get("targets", [])):
+      image = Image.open(os.path.join(out, "images", record["image"][k]))
+      assert oracle.read_image(image) == target, record
+      checked[record["task"]] += 1
+    # single-object understanding answers agree with the oracle too
+    qs = record["meta"].get("questions", [])
+    if record["task"] == "qa" and "count" not in qs and "caption" not in qs:
+      objs = oracle.read_objects(Image.open(os.path.join(out, "images", record["image"][0])))
+      if len(objs) == 1:
+        for q, a in zip(qs, record["meta"]["answers"]):
+          assert objs[0][q] == a, record
+  assert set(checked) == set(shapes_tasks.GENERATION_TASKS)
+
+
+def test_motion_is_a_straight_line():
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    s = shapes.sample_shape(rng)
+    frames = shapes_tasks.motion(rng, s, 4)
+    c = np.asarray([f.center for f in frames])  # [4, 2]
+    steps = np.diff(c, axis=0)
+    np.testing.assert_allclose(steps, steps[:1].repeat(3, 0), atol=1e-9)
+    assert np.linalg.norm(c[-1] - c[0]) >= shapes_tasks.MIN_TRAVEL
+    h = shapes.HALF_EXTENT[s.size]
+    assert (c >= h - 1e-9).all() and (c <= 1 - h + 1e-9).all()
+    assert frames[-1].position == shapes.nearest_position(frames[-1].center)
+  right = [shapes.move(shapes.Shape("red", "circle", "small", "left"), (x, 0.5)) for x in (0.2, 0.5)]
+  up_left = [shapes.move(right[0], p) for p in ((0.7, 0.7), (0.3, 0.3))]
+  assert shapes_tasks.direction(right) == "to the right"
+  assert shapes_tasks.direction(up_left) == "up and to the left"
+
+
+def test_eval_prompts():
+  prompts = shapes_tasks.eval_prompts(["red:circle", "blue:square"])
+  per_pair = len(shapes.SIZES) * len(shapes.POSITIONS)
+  assert len(prompts) == len(shapes.COLORS) * len(shapes.SHAPES) * per_pair
+  held = [p for p in prompts if p["meta"]["heldout"]]
+  assert len(held) == 2 * per_pair
+  assert {(p["meta"]["targets"][0]["color"], p["meta"]["targets"][0]["shape"]) for p in held} == set(HOLDOUT)
+  for p in prompts:
+    shapes_tasks.validate_record(p, prompt_only=True)
+    t = p["meta"]["targets"][0]
+    assert f"{t['size']} {t['color']} {t['shape']} {shapes_tasks.WHERE[t['position']]}" in \
+      p["conversations"][0]["value"]
+  assert len(shapes_tasks.eval_prompts(HOLDOUT, seen=False)) == len(held)
+  assert shapes_tasks.eval_prompts(HOLDOUT) == prompts  # deterministic
+
+
+def test_argument_errors():
+  with pytest.raises(ValueError, match="red, green"):
+    shapes_tasks.parse_pair("pink:circle")
+  with pytest.raises(ValueError, match="circle, square"):
+    shapes_tasks.parse_pair("red:hexagon")
+  with pytest.raises(ValueError, match="COLOR:SHAPE"):
+    shapes_tasks.parse_pair("red")
+  assert shapes_tasks.normalize_holdout(["Red:Circle", ("red", "circle")]) == (("red", "circle"),)
+  with pytest.raises(ValueError):
+    shapes_tasks.normalize_holdout([(c, s) for c in shapes.COLORS for s in shapes.SHAPES])
+  with pytest.raises(ValueError):
+    shapes_tasks.write_world("/nonexistent", 1, 0, split="../x", progress=False)
+
+
+def test_cli(tmp_path, capsys):
+  out = str(tmp_path / "w")
+  assert shapes.main(["--out", out, "--n", "30", "--val-n", "10", "--seed", "2",
+                      "--holdout", "red:circle", "--tasks", "qa,t2i,edit", "--quiet"]) == 0
+  with open(os.path.join(out, "world.json")) as f:
+    world = json.load(f)
+  assert world["holdout"] == [["red", "circle"]]
+  assert sum(world["counts"]["train"].values()) == 30 and sum(world["counts"]["validation"].values()) == 10
+  assert set(world["counts"]["train"]) <= {"qa", "t2i", "edit"}
+  for name in ("train.jsonl", "validation.jsonl", "eval_t2i.jsonl", "tokenizer/tokenizer.json"):
+    assert os.path.exists(os.path.join(out, name)), name
+  with open(os.path.join(out, "validation.jsonl")) as f:
+    for line in f:
+      for image in json.loads(line).get("image", []):
+        assert image.startswith("validation/") and os.path.exists(os.path.join(out, "images", image))
+  for argv, message in [(["--out", out, "--n", "5"], "--overwrite"),
+                        (["--out", str(tmp_path / "x"), "--holdout", "pink:circle"], "red, green, blue"),
+                        (["--out", str(tmp_path / "x"), "--tasks", "qa,pizza"], "unknown task"),
+                        (["--out", str(tmp_path / "x"), "--image-size", "8"], "--image-size")]:
+    with pytest.raises(SystemExit) as e:
+      shapes.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    shapes.main(["--help"])
+  assert e.value.code == 0 and "--holdout" in capsys.readouterr().out
