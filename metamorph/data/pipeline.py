@@ -62,10 +62,11 @@ def _shard_defaults(shard_index: int | None, shard_count: int | None) -> tuple[i
   return shard_index, shard_count
 
 
-def examples(sources: Any, *, seed: int = 0, num_epochs: int | None = None,
+def examples(sources: Any, *, seed: int = 0, num_epochs: int | None = None, shuffle: bool = True,
              shard_index: int | None = None, shard_count: int | None = None) -> grain.MapDataset:
   """Stored examples: each source sharded (``[shard_index::shard_count]``, disjoint
-  across processes) and shuffled by ``seed``, mixed by weight, repeated.
+  across processes) and shuffled by ``seed`` (unless not ``shuffle``), mixed by
+  weight, repeated.
 
   An epoch of a mixture ends when its first source runs out (grain's ``mix``);
   ``num_epochs=None`` repeats forever, reshuffling every epoch.
@@ -76,7 +77,7 @@ def examples(sources: Any, *, seed: int = 0, num_epochs: int | None = None,
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
     if len(ds) == 0:
       raise ValueError(f"source {i} has {len(source)} records: none for shard {shard_index} of {shard_count}")
-    parts.append(ds.shuffle(seed=(seed * 7919 + i) % 2**32))
+    parts.append(ds.shuffle(seed=(seed * 7919 + i) % 2**32) if shuffle else ds)
     weights.append(weight)
   mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   return mixed.repeat(num_epochs)
@@ -123,15 +124,16 @@ class Decode:
 
 def make_dataset(sources: Any, *, tokenizer, layout: TokenLayout, image_size: int, seq_len: int,
                  images_per_row: int, batch_size: int, seed: int = 0, num_epochs: int | None = None,
-                 shard_index: int | None = None, shard_count: int | None = None, strict: bool = False,
-                 read_threads: int = 4, prefetch_buffer_size: int = 64) -> grain.IterDataset:
+                 shuffle: bool = True, shard_index: int | None = None, shard_count: int | None = None,
+                 strict: bool = False, read_threads: int = 4,
+                 prefetch_buffer_size: int = 64) -> grain.IterDataset:
   """The training pipeline (module docstring); iterate it for dicts of [B, ...] arrays.
 
   ``sources``: one source or a sequence of (source, weight) pairs; shards
   default to ``jax.process_index()`` / ``jax.process_count()``.
   """
   decode = Decode(tokenizer, layout, image_size, seq_len, images_per_row, strict)
-  ds = examples(sources, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
+  ds = examples(sources, seed=seed, num_epochs=num_epochs, shuffle=shuffle, shard_index=shard_index,
                 shard_count=shard_count).map(decode)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=prefetch_buffer_size))

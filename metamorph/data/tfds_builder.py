@@ -14,10 +14,11 @@ validated ``[role, text]`` turns, roles in {system, user, assistant});
 bytes, PNG/JPEG/..., in placeholder order); ``extra`` (Text: JSON object of
 the record's other keys, e.g. "task").
 
-Building needs TensorFlow (``tensorflow-cpu``); reading does not:
-``open_source`` returns TFDS's array_record data source, which parses the
-stored ``tf.train.Example`` protos with NumPy (string features come back as
-``bytes``).
+Neither building nor reading imports TensorFlow (tests check both): with these
+features (no ``tfds.features.Image``, no ``tf.data`` input) TFDS serialises the
+``tf.train.Example`` protos with ``protobuf``, and ``open_source`` returns TFDS's
+array_record data source, which parses them with NumPy (``ExampleParserNp``;
+string features come back as ``bytes``).
 """
 from __future__ import annotations
 

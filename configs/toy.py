@@ -1,0 +1,45 @@
+"""The shapes world on a CPU: ``--config configs/toy.py:STAGE`` with STAGE in
+siglip, connector, vpit. Data: ``python -m metamorph.data.shapes --out runs/world``."""
+from train.defaults import base_config
+
+
+def get_config(stage: str = "vpit"):
+  c = base_config()
+  c.stage = stage
+  c.data.data_dir = "runs/world/tfds"
+  c.data.name = "shapes_world"
+  c.data.tokenizer = "runs/world/tokenizer"
+  c.data.image_size = 32
+  c.data.seq_len = 192
+  c.data.images_per_row = 6
+  c.data.text_len = 16
+
+  c.model.num_visual_tokens = 16
+  c.model.llm.vocab_size = 512   # >= the world tokenizer; image tokens are already in it
+  c.model.llm.hidden_size = 128
+  c.model.llm.intermediate_size = 384
+  c.model.llm.num_layers = 4
+  c.model.llm.num_heads = 4
+  c.model.llm.num_kv_heads = 2
+  c.model.llm.head_dim = 32
+  c.model.llm.tie_word_embeddings = True
+  c.model.llm.max_position_embeddings = 512
+  c.model.siglip.vision = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                               num_attention_heads=4, image_size=32, patch_size=4, vision_use_head=True)
+  c.model.siglip.text = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                             num_attention_heads=4, vocab_size=512, max_position_embeddings=16)
+
+  c.optim.lr = 1e-3
+  c.train.steps = 300
+  c.train.batch_size = 16
+  c.train.log_every = 10
+  c.train.checkpoint_every = 100
+  c.train.eval_every = 100
+  if stage == "siglip":
+    c.optim.lr = 3e-4
+    c.train.batch_size = 64
+  elif stage in ("connector", "vpit"):
+    c.model.siglip_init = "runs/demo/siglip"
+  if stage == "vpit":
+    c.init_from = "runs/demo/connector"
+  return c

@@ -1,0 +1,75 @@
+"""Every field of a training config, with its default. Config files start from
+``base_config()`` and override what they need; the command line overrides any
+field (``--config.optim.lr=3e-5``)."""
+from __future__ import annotations
+
+import ml_collections
+
+STAGES = ("siglip", "connector", "vpit")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "vpit"          # one of STAGES
+  c.seed = 0
+
+  # --- model -------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.llm_init = ""         # .gguf file, transformers folder, our LLM folder, or "" (random, from llm)
+  c.model.llm = ml_collections.ConfigDict()  # LlamaConfig fields when llm_init == ""
+  c.model.siglip_init = ""      # a siglip-stage workdir, our SigLIP folder or a transformers folder
+  c.model.siglip = ml_collections.ConfigDict()  # SiglipVisionConfig/SiglipTextConfig fields (siglip stage, random)
+  c.model.num_visual_tokens = 16  # m tokens per image
+  c.model.vision_coef = 1.0       # forced to 0 in the connector stage
+  c.model.dtype = "float32"       # compute dtype ("bfloat16" on accelerators)
+  c.model.param_dtype = "float32"
+  c.model.remat = "none"          # "none" | "full" | "dots" (save matmul outputs)
+
+  # --- initialisation from another run -------------------------------------------------
+  c.init_from = ""  # workdir of an earlier stage (e.g. the connector run for vpit); its latest params
+
+  # --- data ----------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = ""          # TFDS data_dir
+  c.data.name = ""              # dataset name(s); "a,b" with data.weights "0.7,0.3" mixes them
+  c.data.weights = ""
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.tokenizer = ""         # tokenizer folder; "" = the LLM's own
+  c.data.image_size = 32
+  c.data.seq_len = 256
+  c.data.images_per_row = 4
+  c.data.text_len = 16          # siglip stage: caption tokens
+  c.data.num_threads = 2        # grain read threads
+  c.data.strict = False         # stop at the first bad record instead of counting it
+
+  # --- optimisation --------------------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.warmup_frac = 0.03
+  c.optim.final_lr_frac = 0.0   # cosine decays to lr * final_lr_frac
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.clip_norm = 1.0       # global-norm clipping; 0 disables it
+
+  # --- the run -------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.batch_size = 8        # global, in packed rows
+  c.train.micro_batches = 1     # gradient accumulation: batch_size / micro_batches rows at a time
+  c.train.log_every = 10
+  c.train.eval_every = 0        # 0: no periodic evaluation
+  c.train.eval_batches = 4
+  c.train.checkpoint_every = 50
+  c.train.keep_checkpoints = 2
+  c.train.async_checkpoints = True
+  c.train.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind
+
+  # --- devices -------------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1              # -1: all remaining devices
+  c.mesh.tensor = 1
+  return c

@@ -1,0 +1,71 @@
+"""Metrics: ``WORKDIR/metrics.jsonl`` (one object per logged step) and TensorBoard,
+written by process 0; throughput and model FLOPs utilisation (MFU).
+
+MFU = achieved model FLOPs / (devices x peak FLOP/s). Model FLOPs per trained
+token follow PaLM (Chowdhery et al. 2022, appendix B):
+
+  6 * N_trained + 2 * N_frozen_llm + 12 * L * d_model * T   (LLM; N without embeddings)
+  + 2 * N_vision * patches_per_image * images / tokens        (frozen encoder, forward)
+
+where T is the sequence length (attention), N_trained the trained parameters of the
+LLM + projector + head and N_frozen_llm the frozen LLM parameters (forward +
+backward through activations only is counted as 2N, a lower bound).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+# bf16 dense peak FLOP/s per device, by jax device_kind prefix.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+def peak_flops(configured: float = 0.0) -> float | None:
+  """Peak FLOP/s of one device: the configured value, else the table's; None if unknown (CPU)."""
+  if configured > 0:
+    return configured
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+def llm_flops_per_token(n_trained: int, n_frozen: int, layers: int, width: int, seq_len: int) -> float:
+  return 6.0 * n_trained + 2.0 * n_frozen + 12.0 * layers * width * seq_len
+
+
+class MetricsWriter:
+  """Appends metrics to ``metrics.jsonl`` and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+    if not self.active:
+      return
+    values = {f"{prefix}{k}": _scalar(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({"step": step, **values}, sort_keys=True) + "\n")
+    for name, value in values.items():
+      if isinstance(value, (int, float)):
+        self._tb.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    if self.active:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _scalar(value: Any) -> Any:
+  value = np.asarray(value)
+  if value.size == 1:
+    return value.item()
+  return value.tolist()

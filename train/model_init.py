@@ -1,0 +1,140 @@
+"""Building a stage's model from the config: architecture, tokenizer, pretrained weights.
+
+Runs export their final model to ``WORKDIR/model`` (our converted format), so a
+later stage can start from an earlier one (``init_from``, ``model.siglip_init``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from metamorph.convert import ConversionError, read_llm
+from metamorph.convert import siglip as siglip_convert
+from metamorph.convert import tensors
+from metamorph.models.llama import LlamaConfig
+from metamorph.models.metamorph import IMAGE_END, IMAGE_START, MetaMorph, MetaMorphConfig
+from metamorph.models.siglip import Siglip, SiglipConfig, SiglipTextConfig, SiglipVisionConfig
+
+MODEL_DIR = "model"   # WORKDIR/model: the exported model of a run
+METAMORPH_KIND = "metamorph"
+
+
+@dataclasses.dataclass
+class ModelSpec:
+  """What a stage trains: the model config, its tokenizer and the first new token id."""
+  config: Any                        # MetaMorphConfig | SiglipConfig
+  tokenizer: Any = None
+  new_token_start: int | None = None
+  llm_params: dict | None = None     # pretrained LLM weights (flat), resized later
+  llm_vocab: int | None = None
+
+
+def exported(path: str) -> str:
+  """``path/model`` when ``path`` is a training workdir, else ``path``."""
+  candidate = os.path.join(path, MODEL_DIR)
+  return candidate if os.path.isdir(candidate) else path
+
+
+def _dtypes(config: ml_collections.ConfigDict) -> dict[str, str]:
+  return {"dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
+
+
+def _load_tokenizer(config: ml_collections.ConfigDict, fallback):
+  if not config.data.tokenizer:
+    return fallback
+  from transformers import AutoTokenizer
+  if not os.path.isdir(config.data.tokenizer):
+    raise ConversionError(f"config.data.tokenizer: {config.data.tokenizer} is not a folder")
+  return AutoTokenizer.from_pretrained(config.data.tokenizer)
+
+
+def _vision_config(config: ml_collections.ConfigDict) -> SiglipVisionConfig:
+  if config.model.siglip_init:
+    path = exported(config.model.siglip_init)
+    return siglip_convert.read_siglip(path, tower="vision", **_dtypes(config))[0]
+  return SiglipVisionConfig(**config.model.siglip.vision.to_dict(), **_dtypes(config))
+
+
+def siglip_spec(config: ml_collections.ConfigDict) -> ModelSpec:
+  if config.model.siglip_init:
+    cfg = siglip_convert.read_siglip(exported(config.model.siglip_init), **_dtypes(config))[0]
+  else:
+    cfg = SiglipConfig(SiglipVisionConfig(**config.model.siglip.vision.to_dict(), **_dtypes(config)),
+                       SiglipTextConfig(**config.model.siglip.text.to_dict(), **_dtypes(config)))
+  return ModelSpec(cfg, tokenizer=_load_tokenizer(config, None))
+
+
+def metamorph_spec(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> ModelSpec:
+  """The unified model's config; adds the image tokens to the tokenizer."""
+  llm_params, tokenizer = None, None
+  if config.model.llm_init and load_weights:
+    llm_cfg, llm_params, tokenizer = read_llm(exported(config.model.llm_init), **_dtypes(config))
+  else:
+    llm_cfg = LlamaConfig(**config.model.llm.to_dict(), **_dtypes(config))
+  tokenizer = _load_tokenizer(config, tokenizer)
+  vocab, start_id, end_id, new_start = llm_cfg.vocab_size, -1, -1, None
+  if tokenizer is not None:
+    tokenizer.add_tokens([IMAGE_START, IMAGE_END], special_tokens=True)
+    start_id, end_id = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+    if len(tokenizer) > vocab:
+      new_start, vocab = vocab, len(tokenizer)
+  vision = _vision_config(config)
+  cfg = MetaMorphConfig(llm=llm_cfg.replace(vocab_size=vocab), vision_dim=vision.hidden_size,
+                        num_visual_tokens=config.model.num_visual_tokens,
+                        vision_coef=0.0 if config.stage == "connector" else config.model.vision_coef,
+                        image_start_id=start_id, image_end_id=end_id, vision=vision)
+  return ModelSpec(cfg, tokenizer, new_start if llm_params is not None else None, llm_params,
+                   llm_cfg.vocab_size)
+
+
+def spec(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> ModelSpec:
+  return siglip_spec(config) if config.stage == "siglip" else metamorph_spec(config, load_weights=load_weights)
+
+
+def random_model(model_spec: ModelSpec, seed: int) -> nnx.Module:
+  cls = Siglip if isinstance(model_spec.config, SiglipConfig) else MetaMorph
+  return cls(model_spec.config, rngs=nnx.Rngs(seed))
+
+
+def _resized_llm_params(model_spec: ModelSpec) -> dict[str, np.ndarray]:
+  """Pretrained LLM params with the new token rows appended (mean of the old rows)."""
+  from metamorph.models.metamorph import resize_vocab
+  from metamorph.convert.llama import build
+  old = model_spec.config.llm.replace(vocab_size=model_spec.llm_vocab)
+  llm = build(old, model_spec.llm_params, "config.model.llm_init")
+  return tensors.module_params(resize_vocab(llm, model_spec.config.llm.vocab_size))
+
+
+def load_pretrained(model: nnx.Module, model_spec: ModelSpec, config: ml_collections.ConfigDict) -> None:
+  """Overwrites parts of ``model`` with the pretrained weights the config names."""
+  if isinstance(model, Siglip):
+    if config.model.siglip_init:
+      tensors.load_module_params(model, tensors.module_params(siglip_convert.load_siglip(
+          exported(config.model.siglip_init), **_dtypes(config))), config.model.siglip_init)
+    return
+  if model_spec.llm_params is not None:
+    tensors.load_module_params(model.llm, _resized_llm_params(model_spec), config.model.llm_init)
+  if config.model.siglip_init:
+    tensors.load_module_params(model.vision, tensors.module_params(siglip_convert.load_siglip(
+        exported(config.model.siglip_init), tower="vision", **_dtypes(config))), config.model.siglip_init)
+
+
+def load_run(model: nnx.Module, workdir: str) -> None:
+  """Overwrites ``model``'s parameters with another run's exported model (init_from)."""
+  path = os.path.join(exported(workdir), "model.safetensors")
+  tensors.load_module_params(model, tensors.read_safetensors_file(path), path)
+
+
+def export(model: nnx.Module, tokenizer, dst: str) -> None:
+  """Writes the trained model to ``dst`` (our format), with its tokenizer."""
+  if isinstance(model, Siglip):
+    siglip_convert.save_siglip(model, dst)
+  else:
+    tensors.write_converted(dst, METAMORPH_KIND, model.config.to_dict(), model)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(dst)

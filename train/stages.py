@@ -1,0 +1,83 @@
+"""What differs between the training stages: which parameters train, the loss, and
+how a batch's loss is normalised.
+
+  siglip     SigLIP vision + text towers, sigmoid loss on image-caption pairs.
+  connector  VPiT stage 1: only the input projector and the new token rows of the
+             embedding (and of an untied LM head) train; no vision loss.
+  vpit       VPiT stage 2: everything but the vision encoder trains, with the vision loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from metamorph.models.metamorph import MetaMorph, loss_masks, vpit_loss
+from metamorph.models.siglip import Siglip
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[nnx.Module, Batch, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  trainable: Callable[[tuple, Any], bool]  # nnx filter: (path, value) -> trains?
+  loss: LossFn                              # (model, batch, normalisers) -> (loss, metrics)
+  normalisers: Callable[[Batch], Any]       # whole-batch quantities micro-batches divide by
+  supports_micro_batches: bool = True
+  new_token_start: int | None = None        # connector: rows >= this train in the embedding
+
+
+def _is_param(value) -> bool:
+  return isinstance(value, nnx.Param)
+
+
+def _vpit_loss(vision_coef: float) -> LossFn:
+  def loss(model: MetaMorph, batch: Batch, counts) -> tuple[jax.Array, dict[str, jax.Array]]:
+    tokens = jax.lax.stop_gradient(model.encode_images(batch["images"]))  # [B, I, m, Dv]
+    inputs = {**batch, "visual_tokens": tokens}
+    logits, predicted = model(inputs)
+    return vpit_loss(logits, predicted, inputs, vision_coef, counts)
+  return loss
+
+
+def _vpit_counts(batch: Batch) -> tuple[jax.Array, jax.Array]:
+  text, visual = loss_masks(batch)
+  return text.sum(), visual.sum()
+
+
+def _siglip_loss(model: Siglip, batch: Batch, _) -> tuple[jax.Array, dict[str, jax.Array]]:
+  loss = model.loss(batch["images"], batch["text_ids"])
+  return loss, {"loss_siglip": loss}
+
+
+def stage(name: str, *, vision_coef: float = 1.0, new_token_start: int | None = None) -> Stage:
+  """The ``Stage`` called ``name``."""
+  if name == "siglip":
+    return Stage(name, lambda path, v: _is_param(v), _siglip_loss, lambda batch: None,
+                 supports_micro_batches=False)
+  if name == "connector":
+    def trainable(path, v):
+      return _is_param(v) and (path[0] == "projector" or path[:2] in (("llm", "embed_tokens"), ("llm", "lm_head")))
+    return Stage(name, trainable, _vpit_loss(0.0), _vpit_counts, new_token_start=new_token_start)
+  if name == "vpit":
+    return Stage(name, lambda path, v: _is_param(v) and path[0] != "vision", _vpit_loss(vision_coef), _vpit_counts)
+  raise ValueError(f"unknown stage {name!r}; use one of siglip, connector, vpit")
+
+
+def mask_new_token_rows(grads: nnx.State, start: int | None) -> nnx.State:
+  """Zeroes the gradient of embedding rows (and LM-head columns) below ``start``."""
+  if start is None:
+    return grads
+  def one(path, value):
+    if path[-2:] == ("embed_tokens", "embedding"):
+      return jnp.where(jnp.arange(value.shape[0])[:, None] >= start, value, 0)
+    if path[-2:] == ("lm_head", "kernel"):
+      return jnp.where(jnp.arange(value.shape[1])[None, :] >= start, value, 0)
+    return value
+  return nnx.map_state(one, grads)

@@ -1,0 +1,69 @@
+"""The train state and the jitted train / eval steps (pure functions over nnx state)."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from train.stages import Batch, Stage, mask_new_token_rows
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array           # [] int32
+  params: nnx.State         # trained parameters (float32 master copy)
+  opt_state: Any
+  frozen: nnx.State         # everything else (vision encoder, frozen LLM parts)
+  rng: jax.Array
+
+
+def _split_micro(batch: Batch, micro: int) -> Batch:
+  """[B, ...] -> [micro, B / micro, ...]."""
+  return jax.tree.map(lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]), batch)
+
+
+def _loss_and_grads(graphdef, stage: Stage, state: TrainState, batch: Batch, micro: int):
+  """(loss, metrics, grads), accumulated over ``micro`` micro-batches in a scan.
+
+  Each micro-batch's loss is normalised by whole-batch counts, so the sum over
+  micro-batches equals the loss of the whole batch exactly.
+  """
+  normalisers = stage.normalisers(batch)
+
+  def loss_fn(params, micro_batch):
+    model = nnx.merge(graphdef, params, state.frozen)
+    return stage.loss(model, micro_batch, normalisers)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if micro == 1:
+    (loss, metrics), grads = grad_fn(state.params, batch)
+    return loss, metrics, grads
+
+  micro_batches = _split_micro(batch, micro)
+  shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro_batches))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  accumulate = lambda total, micro_batch: (jax.tree.map(jnp.add, total, grad_fn(state.params, micro_batch)), None)
+  ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+  return loss, metrics, grads
+
+
+def train_step(graphdef, stage: Stage, tx: optax.GradientTransformation, schedule, micro: int,
+               state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a global batch; returns the new state and scalar metrics."""
+  loss, metrics, grads = _loss_and_grads(graphdef, stage, state, batch, micro)
+  grads = mask_new_token_rows(grads, stage.new_token_start)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(graphdef, stage: Stage, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+  model = nnx.merge(graphdef, state.params, state.frozen)
+  loss, metrics = stage.loss(model, batch, stage.normalisers(batch))
+  return {**metrics, "loss": loss}
