@@ -26,10 +26,10 @@ METAMORPH_KIND = "metamorph"
 
 @dataclasses.dataclass
 class ModelSpec:
-  """What a stage trains: the model config, its tokenizer and the first new token id."""
+  """What a stage trains: the model config, its tokenizer and the image token ids."""
   config: Any                        # MetaMorphConfig | SiglipConfig
   tokenizer: Any = None
-  new_token_start: int | None = None
+  new_token_ids: tuple[int, ...] = ()  # the image tokens and rows added for them
   llm_params: dict | None = None     # pretrained LLM weights (flat), resized later
   llm_vocab: int | None = None
 
@@ -88,8 +88,8 @@ def metamorph_spec(config: ml_collections.ConfigDict, *, load_weights: bool = Tr
                         num_visual_tokens=config.model.num_visual_tokens,
                         vision_coef=0.0 if config.stage == "connector" else config.model.vision_coef,
                         image_start_id=start_id, image_end_id=end_id, vision=vision)
-  return ModelSpec(cfg, tokenizer, new_start if llm_params is not None else None, llm_params,
-                   llm_cfg.vocab_size)
+  new_ids = tuple(sorted({start_id, end_id} | set(range(new_start or vocab, vocab)) - {-1}))
+  return ModelSpec(cfg, tokenizer, new_ids, llm_params, llm_cfg.vocab_size)
 
 
 def spec(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> ModelSpec:

@@ -30,7 +30,7 @@ class Stage:
   loss: LossFn                              # (model, batch, normalisers) -> (loss, metrics)
   normalisers: Callable[[Batch], Any]       # whole-batch quantities micro-batches divide by
   supports_micro_batches: bool = True
-  new_token_start: int | None = None        # connector: rows >= this train in the embedding
+  new_token_ids: tuple[int, ...] = ()       # connector: the only embedding rows that train
 
 
 def _is_param(value) -> bool:
@@ -56,7 +56,7 @@ def _siglip_loss(model: Siglip, batch: Batch, _) -> tuple[jax.Array, dict[str, j
   return loss, {"loss_siglip": loss}
 
 
-def stage(name: str, *, vision_coef: float = 1.0, new_token_start: int | None = None) -> Stage:
+def stage(name: str, *, vision_coef: float = 1.0, new_token_ids: tuple[int, ...] = ()) -> Stage:
   """The ``Stage`` called ``name``."""
   if name == "siglip":
     return Stage(name, lambda path, v: _is_param(v), _siglip_loss, lambda batch: None,
@@ -64,20 +64,22 @@ def stage(name: str, *, vision_coef: float = 1.0, new_token_start: int | None = 
   if name == "connector":
     def trainable(path, v):
       return _is_param(v) and (path[0] == "projector" or path[:2] in (("llm", "embed_tokens"), ("llm", "lm_head")))
-    return Stage(name, trainable, _vpit_loss(0.0), _vpit_counts, new_token_start=new_token_start)
+    return Stage(name, trainable, _vpit_loss(0.0), _vpit_counts, new_token_ids=new_token_ids)
   if name == "vpit":
     return Stage(name, lambda path, v: _is_param(v) and path[0] != "vision", _vpit_loss(vision_coef), _vpit_counts)
   raise ValueError(f"unknown stage {name!r}; use one of siglip, connector, vpit")
 
 
-def mask_new_token_rows(grads: nnx.State, start: int | None) -> nnx.State:
-  """Zeroes the gradient of embedding rows (and LM-head columns) below ``start``."""
-  if start is None:
+def mask_new_token_rows(grads: nnx.State, token_ids: tuple[int, ...]) -> nnx.State:
+  """Keeps only the gradient of the ``token_ids`` rows of the embedding (and columns of
+  an untied LM head); no-op for an empty ``token_ids``."""
+  if not token_ids:
     return grads
-  def one(path, value):
+  ids = jnp.asarray(token_ids)
+  def one(path, variable):
     if path[-2:] == ("embed_tokens", "embedding"):
-      return jnp.where(jnp.arange(value.shape[0])[:, None] >= start, value, 0)
+      return variable.replace(jnp.where(jnp.isin(jnp.arange(variable.shape[0]), ids)[:, None], variable[...], 0))
     if path[-2:] == ("lm_head", "kernel"):
-      return jnp.where(jnp.arange(value.shape[1])[None, :] >= start, value, 0)
-    return value
+      return variable.replace(jnp.where(jnp.isin(jnp.arange(variable.shape[1]), ids)[None, :], variable[...], 0))
+    return variable
   return nnx.map_state(one, grads)

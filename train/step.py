@@ -55,7 +55,7 @@ def train_step(graphdef, stage: Stage, tx: optax.GradientTransformation, schedul
                state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch; returns the new state and scalar metrics."""
   loss, metrics, grads = _loss_and_grads(graphdef, stage, state, batch, micro)
-  grads = mask_new_token_rows(grads, stage.new_token_start)
+  grads = mask_new_token_rows(grads, stage.new_token_ids)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}

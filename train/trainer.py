@@ -70,7 +70,7 @@ def make_setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) 
                         f"mesh data x fsdp = {batch_shards}")
   spec = model_init.spec(config, load_weights=load_weights)
   stage = stages.stage(config.stage, vision_coef=config.model.vision_coef,
-                       new_token_start=spec.new_token_start)
+                       new_token_ids=spec.new_token_ids)
   abstract_model = nnx.eval_shape(lambda: model_init.random_model(spec, config.seed))
   graphdef, params, frozen = nnx.split(abstract_model, stage.trainable, ...)
   schedule = optimizer.learning_rate(config.optim, config.train.steps)
@@ -183,20 +183,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   last logged metrics."""
   s = make_setup(config)
   c = config
-  with jax.set_mesh(s.mesh):
-    mgr = checkpoint.manager(workdir, keep=c.train.keep_checkpoints, async_save=c.train.async_checkpoints)
-    train_iter = iter(_datasets(s, c.data.train_split, seed=c.seed))
-    if mgr.latest_step() is not None:
-      state, _, step = checkpoint.restore(mgr, checkpoint.abstract_like(s.abstract_state, s.shardings),
-                                          train_iter)
-      print(f"resumed from {workdir}/checkpoints/{step}")
-    else:
-      state = initial_state(s)
-    step_fn = jax.jit(functools.partial(train_step, s.graphdef, s.stage, s.tx, s.schedule, c.train.micro_batches),
-                      out_shardings=(s.shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, s.graphdef, s.stage))
-    last = _loop(s, workdir, mgr, state, train_iter, step_fn, eval_fn)
-  return last
+  mgr = checkpoint.manager(workdir, keep=c.train.keep_checkpoints, async_save=c.train.async_checkpoints)
+  train_iter = iter(_datasets(s, c.data.train_split, seed=c.seed))
+  if mgr.latest_step() is not None:
+    state, _, step = checkpoint.restore(mgr, checkpoint.abstract_like(s.abstract_state, s.shardings),
+                                        train_iter)
+    print(f"resumed from {workdir}/checkpoints/{step}")
+  else:
+    state = initial_state(s)  # outside the mesh context: host-side loading sees no mesh
+  step_fn = jax.jit(functools.partial(train_step, s.graphdef, s.stage, s.tx, s.schedule, c.train.micro_batches),
+                    out_shardings=(s.shardings, None), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, s.graphdef, s.stage))
+  with jax.set_mesh(s.mesh):  # activation constraints (sharding.constrain) read it while tracing
+    return _loop(s, workdir, mgr, state, train_iter, step_fn, eval_fn)
 
 
 def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[str, Any]:
