@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from metamorph.data import oracle, shapes, shapes_tasks
+from metamorph.data import tfds_builder
 from metamorph.data.records import parse_record
 from metamorph.data.shapes_tasks import IMAGE, TASKS
 
@@ -214,6 +215,8 @@ def test_cli(tmp_path, capsys):
   assert set(world["counts"]["train"]) <= {"qa", "t2i", "edit"}
   for name in ("train.jsonl", "validation.jsonl", "eval_t2i.jsonl", "tokenizer/tokenizer.json"):
     assert os.path.exists(os.path.join(out, name)), name
+  source = tfds_builder.open_source(os.path.join(out, "tfds"), shapes.DATASET_NAME, "validation")
+  assert len(source) == 10 and world["tfds"]["drop_counts"]["train"]["kept"] == 30
   with open(os.path.join(out, "validation.jsonl")) as f:
     for line in f:
       for image in json.loads(line).get("image", []):

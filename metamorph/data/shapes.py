@@ -280,6 +280,7 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
 
 WORLD_FILE = "world.json"
 SPLITS = ("train", "validation")
+DATASET_NAME = "shapes_world"  # the TFDS dataset under OUT/tfds
 
 
 def build_world(out_dir: str, n: int, seed: int = 0, holdout: Sequence[str | Sequence[str]] = (),
@@ -315,10 +316,25 @@ def build_world(out_dir: str, n: int, seed: int = 0, holdout: Sequence[str | Seq
     "files": {**files, "images": "images", "tokenizer": "tokenizer"},
     "vocab_size": len(tokenizer),
   }
+  world["tfds"] = _build_tfds(out_dir, files)
   with open(os.path.join(out_dir, WORLD_FILE), "w", encoding="utf-8") as f:
     json.dump(world, f, indent=2)
     f.write("\n")
   return world
+
+
+def _build_tfds(out_dir: str, files: dict[str, str]) -> dict:
+  """The JSONL splits as the TFDS dataset ``DATASET_NAME`` under ``out_dir/tfds``."""
+  import os
+  import shutil
+
+  from metamorph.data import tfds_builder
+  data_dir = os.path.join(out_dir, "tfds")
+  shutil.rmtree(os.path.join(data_dir, DATASET_NAME), ignore_errors=True)  # --overwrite
+  splits = {split: os.path.join(out_dir, files[split]) for split in SPLITS if split in files}
+  counts = tfds_builder.build_dataset(DATASET_NAME, splits, os.path.join(out_dir, "images"), data_dir)
+  return {"data_dir": "tfds", "name": DATASET_NAME,
+          "drop_counts": {split: c.to_dict() for split, c in counts.items()}}
 
 
 def _parser():
@@ -326,7 +342,8 @@ def _parser():
   parser = argparse.ArgumentParser(
     prog="python -m metamorph.data.shapes",
     description="Write a shapes world: conversation records (JSONL) for every task kind, "
-                "their PNG images, evaluation prompts and the word-level tokenizer.")
+                "their PNG images, evaluation prompts, the word-level tokenizer, and the records "
+                f"as the TFDS dataset '{DATASET_NAME}' under OUT/tfds.")
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument("--n", type=int, default=20000, help="training records (default 20000)")
   parser.add_argument("--val-n", type=int, default=1000, help="validation records (default 1000; 0: none)")
@@ -369,11 +386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"{args.out} already holds a world ({WORLD_FILE}); pass --overwrite to replace it")
   world = build_world(args.out, args.n, args.seed, holdout, args.image_size, args.val_n, args.tasks,
                       progress=not args.quiet)
-  # The JSONL -> TFDS conversion (another step) starts here, from the files in world["files"].
   for split, counts in world["counts"].items():
     print(f"{split}: {sum(counts.values())} records " + ", ".join(f"{k} {v}" for k, v in counts.items()))
   print(f"wrote {args.out} (holdout {world['args']['holdout'] or 'none'}, "
-        f"{world['eval_prompts']} eval prompts, vocab {world['vocab_size']})")
+        f"{world['eval_prompts']} eval prompts, vocab {world['vocab_size']}); TFDS dataset "
+        f"'{DATASET_NAME}' in {os.path.join(args.out, 'tfds')}")
   return 0
 
 
