@@ -24,3 +24,10 @@ def smollm2_hf(smollm2):
   model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                dtype=torch.float32)
   return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+  """A 200-record shapes world with its TFDS dataset and tokenizer (built once)."""
+  from tests.train_fixtures import build_tiny_world
+  return build_tiny_world(str(tmp_path_factory.mktemp("world")))

@@ -1,6 +1,10 @@
 """Training data from the config: grain pipelines over TFDS datasets.
 
-Each process reads its own shard and builds ``batch_size / process_count`` rows;
+The records are split into ``data.virtual_shards`` shards (default: one per
+process), each packed into ``batch_size / virtual_shards`` rows per batch by
+its own pipeline; a process runs the pipelines of its shards and concatenates
+their rows. The global batch is thus the same for any number of processes that
+divides ``virtual_shards`` (a run can move from one host to two and back).
 ``global_batch`` assembles the global, sharded arrays.
 """
 from __future__ import annotations
@@ -35,21 +39,58 @@ def sources(config: ml_collections.ConfigDict, split: str):
   return list(zip(opened, weights))
 
 
-def local_batch_size(config: ml_collections.ConfigDict) -> int:
+def virtual_shards(config: ml_collections.ConfigDict) -> tuple[range, int]:
+  """(this process's virtual shards, rows per shard and batch)."""
   b, n = config.train.batch_size, jax.process_count()
-  if b % n or (b // n) % config.train.micro_batches:
-    raise ValueError(f"config.train.batch_size ({b}) must be divisible by the {n} processes and each "
-                     f"process's share by config.train.micro_batches ({config.train.micro_batches})")
-  return b // n
+  k = config.data.virtual_shards or n
+  if k % n or b % k:
+    raise ValueError(f"config.data.virtual_shards ({k}) must be a multiple of the {n} processes "
+                     f"and divide config.train.batch_size ({b})")
+  per_process = k // n
+  return range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process), b // k
 
 
-def vpit_dataset(config: ml_collections.ConfigDict, tokenizer, layout: TokenLayout, split: str,
-                 *, seed: int, num_epochs: int | None = None) -> grain.IterDataset:
-  return make_dataset(sources(config, split), tokenizer=tokenizer, layout=layout,
-                      image_size=config.data.image_size, seq_len=config.data.seq_len,
-                      images_per_row=config.data.images_per_row, batch_size=local_batch_size(config),
-                      seed=seed, num_epochs=num_epochs, strict=config.data.strict,
-                      read_threads=config.data.num_threads)
+class ShardedBatches:
+  """Concatenates the batches of several pipelines (this process's virtual shards).
+
+  Checkpointable by grain's orbax handler: ``get_state`` returns JSON bytes.
+  """
+
+  def __init__(self, datasets: list[grain.IterDataset]):
+    self.iterators = [iter(ds) for ds in datasets]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self.iterators]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> bytes:
+    return json.dumps([it.get_state() for it in self.iterators]).encode()
+
+  def set_state(self, state: bytes) -> None:
+    states = json.loads(state)
+    if len(states) != len(self.iterators):
+      raise ValueError(f"the saved data state has {len(states)} shards, this run {len(self.iterators)}: "
+                       "config.data.virtual_shards or the number of processes changed")
+    for it, s in zip(self.iterators, states):
+      it.set_state(s)
+
+  def start_prefetch(self) -> None:
+    """Called by grain's checkpoint handler after a restore; nothing to start."""
+
+
+def vpit_batches(config: ml_collections.ConfigDict, tokenizer, layout: TokenLayout, split: str,
+                 *, seed: int, num_epochs: int | None = None) -> ShardedBatches:
+  shards, rows = virtual_shards(config)
+  k = config.data.virtual_shards or jax.process_count()
+  return ShardedBatches([
+      make_dataset(sources(config, split), tokenizer=tokenizer, layout=layout,
+                   image_size=config.data.image_size, seq_len=config.data.seq_len,
+                   images_per_row=config.data.images_per_row, batch_size=rows, seed=seed,
+                   num_epochs=num_epochs, shard_index=v, shard_count=k, strict=config.data.strict,
+                   read_threads=config.data.num_threads) for v in shards])
 
 
 class _CaptionPair:
@@ -76,16 +117,20 @@ def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def siglip_dataset(config: ml_collections.ConfigDict, tokenizer, split: str, *, seed: int,
-                   num_epochs: int | None = None) -> grain.IterDataset:
-  pairs = examples(sources(config, split), seed=seed, num_epochs=num_epochs).map(
-      _CaptionPair(tokenizer, config.data.image_size, config.data.text_len))
-  ds = pairs.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads)).filter(
-      lambda x: x is not None)
-  # Most records are not caption pairs; skipping them is intended.
-  ds = grain.experimental.WithOptionsIterDataset(
-      ds, grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None))
-  return ds.batch(local_batch_size(config), drop_remainder=True)
+def siglip_batches(config: ml_collections.ConfigDict, tokenizer, split: str, *, seed: int,
+                   num_epochs: int | None = None) -> ShardedBatches:
+  shards, rows = virtual_shards(config)
+  k = config.data.virtual_shards or jax.process_count()
+  def one(v: int) -> grain.IterDataset:
+    pairs = examples(sources(config, split), seed=seed, num_epochs=num_epochs, shard_index=v,
+                     shard_count=k).map(_CaptionPair(tokenizer, config.data.image_size, config.data.text_len))
+    ds = pairs.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads)).filter(
+        lambda x: x is not None)
+    # Most records are not caption pairs; skipping them is intended.
+    ds = grain.experimental.WithOptionsIterDataset(
+        ds, grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None))
+    return ds.batch(rows, drop_remainder=True)
+  return ShardedBatches([one(v) for v in shards])
 
 
 def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:

@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.images_per_row = 4
   c.data.text_len = 16          # siglip stage: caption tokens
   c.data.num_threads = 2        # grain read threads
+  c.data.virtual_shards = 0     # record shards, each packed on its own (0: one per process);
+                                # fixing it makes batches independent of the process count
   c.data.strict = False         # stop at the first bad record instead of counting it
 
   # --- optimisation --------------------------------------------------------------

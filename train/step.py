@@ -22,8 +22,9 @@ class TrainState:
 
 
 def _split_micro(batch: Batch, micro: int) -> Batch:
-  """[B, ...] -> [micro, B / micro, ...]."""
-  return jax.tree.map(lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]), batch)
+  """[B, ...] -> [micro, B / micro, ...]; micro-batch i holds rows i, i + micro, ...,
+  so every micro-batch stays spread over all the devices the batch is sharded on."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def _loss_and_grads(graphdef, stage: Stage, state: TrainState, batch: Batch, micro: int):

@@ -138,9 +138,9 @@ class _StopSignal:
 def _datasets(s: Setup, split: str, seed: int, num_epochs: int | None = None):
   c = s.config
   if c.stage == "siglip":
-    return data.siglip_dataset(c, s.spec.tokenizer, split, seed=seed, num_epochs=num_epochs)
+    return data.siglip_batches(c, s.spec.tokenizer, split, seed=seed, num_epochs=num_epochs)
   layout = TokenLayout.from_tokenizer(s.spec.tokenizer, c.model.num_visual_tokens)
-  return data.vpit_dataset(c, s.spec.tokenizer, layout, split, seed=seed, num_epochs=num_epochs)
+  return data.vpit_batches(c, s.spec.tokenizer, layout, split, seed=seed, num_epochs=num_epochs)
 
 
 def _meta(s: Setup, workdir: str) -> dict:
@@ -184,7 +184,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   s = make_setup(config)
   c = config
   mgr = checkpoint.manager(workdir, keep=c.train.keep_checkpoints, async_save=c.train.async_checkpoints)
-  train_iter = iter(_datasets(s, c.data.train_split, seed=c.seed))
+  train_iter = _datasets(s, c.data.train_split, seed=c.seed)
   if mgr.latest_step() is not None:
     state, _, step = checkpoint.restore(mgr, checkpoint.abstract_like(s.abstract_state, s.shardings),
                                         train_iter)
