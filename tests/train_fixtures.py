@@ -34,12 +34,16 @@ def tiny_config(stage: str, world: str, **overrides):
   c.train.update(steps=6, batch_size=8, log_every=1, checkpoint_every=3, eval_every=0, async_checkpoints=False)
   c.optim.update(lr=3e-3, warmup_frac=0.0)
   for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    set_field(c, key, value)
   return c
+
+
+def set_field(config, key: str, value) -> None:
+  """``set_field(c, "train.steps", 3)`` sets ``c.train.steps``."""
+  *parents, leaf = key.split(".")
+  for p in parents:
+    config = config[p]
+  config[leaf] = value
 
 
 def config_flags(config) -> list[str]:
