@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from metamorph import checkpoint, sharding
@@ -121,7 +122,11 @@ def count_params(state_part) -> int:
 # ----------------------------------------------------------------------------- the loop
 
 class _StopSignal:
-  """Turns SIGTERM / SIGINT into a flag checked between steps (save, then stop)."""
+  """Turns SIGTERM / SIGINT into a flag checked between steps (save, then stop).
+
+  With several processes a signal may reach only some of them; ``agreed`` asks
+  every process (a collective, so all must call it at the same steps).
+  """
 
   def __init__(self):
     self.received: int | None = None
@@ -129,6 +134,15 @@ class _StopSignal:
 
   def _handle(self, signum, frame):
     self.received = signum
+
+  def agreed(self, step: int, every: int) -> int | None:
+    """The signal if any process received one; processes agree every ``every`` steps."""
+    if jax.process_count() == 1:
+      return self.received
+    if step % every:
+      return None
+    flags = multihost_utils.process_allgather(np.int32(self.received or 0))
+    return int(flags.max()) or None
 
   def restore(self):
     for sig, handler in self._previous.items():
@@ -230,16 +244,21 @@ def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[s
       if c.train.eval_every and done % c.train.eval_every == 0:
         writer.write(done, evaluate(s, eval_fn, state), prefix="eval_")
       due = c.train.checkpoint_every and done % c.train.checkpoint_every == 0
-      if due or done == c.train.steps or stop.received:
+      stopping = stop.agreed(done, c.train.log_every)
+      if due or done == c.train.steps or stopping:
         _check_finite(float(jax.device_get(out["loss"])), done, workdir, mgr)
         checkpoint.save(mgr, done, state, meta, train_iter)
-      if stop.received:
-        print(f"\nstopping on signal {stop.received}: checkpoint {done} saved in {workdir}")
+      if stopping:
+        print(f"\nstopping on signal {stopping}: checkpoint {done} saved in {workdir}")
         break
     mgr.wait_until_finished()
-    if int(jax.device_get(state.step)) == c.train.steps and jax.process_index() == 0:
-      model = nnx.merge(s.graphdef, state.params, state.frozen)
-      model_init.export(model, s.spec.tokenizer, os.path.join(workdir, model_init.MODEL_DIR))
+    if int(jax.device_get(state.step)) == c.train.steps:
+      params, frozen = state.params, state.frozen
+      if jax.process_count() > 1:  # a collective (every process calls it): process 0 gets whole arrays
+        params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
+      if jax.process_index() == 0:
+        model = nnx.merge(s.graphdef, params, frozen)
+        model_init.export(model, s.spec.tokenizer, os.path.join(workdir, model_init.MODEL_DIR))
   finally:
     bar.close()
     writer.close()
