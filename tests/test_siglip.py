@@ -231,8 +231,9 @@ def test_configs_round_trip_and_validate():
   assert text.projection_size == 32 and vision.grid_size == 6 and vision.head_dim == 8
   with pytest.raises(ValueError, match="unknown SiglipVisionConfig fields \\['patches'\\]"):
     S.SiglipVisionConfig.from_dict({**vision.to_dict(), "patches": 3})
-  with pytest.raises(ValueError, match="multiple of patch_size"):
-    S.SiglipVisionConfig(image_size=25, patch_size=4)
+  with pytest.raises(ValueError, match="at least patch_size"):
+    S.SiglipVisionConfig(image_size=3, patch_size=4)
+  assert S.SiglipVisionConfig(image_size=384, patch_size=14).num_patches == 27 * 27  # SO400M@384
   with pytest.raises(ValueError, match="hidden_act"):
     S.SiglipTextConfig(hidden_act="relu")
   hf = transformers.SiglipVisionConfig(**ENCODER, image_size=IMAGE, patch_size=PATCH).to_dict()

