@@ -4,7 +4,9 @@
   losses as the same config on one device;
 * on that mesh each device holds about 1/8 of the train state;
 * two processes of 4 devices each (``jax.distributed`` on localhost, gloo collectives)
-  log the same losses, and export the same model, as one process with 8 devices.
+  log the same losses, and export the same model, as one process with 8 devices;
+* a run checkpointed on one device resumes on the 8-device mesh with the losses of an
+  uninterrupted one-device run.
 
 ``data.virtual_shards`` is fixed, so every run sees the same global batches. The runs
 start together (a module fixture) and each test waits for the ones it reads.
@@ -108,27 +110,46 @@ def _per_device_bytes(world: str) -> subprocess.CompletedProcess:
 def runs(tiny_world, tmp_path_factory):
   """Futures of every run of this module, started together."""
   root = tmp_path_factory.mktemp("sharded")
-  dirs = {name: str(root / name) for name in ("one", "mesh", "two")}
+  dirs = {name: str(root / name) for name in ("one", "mesh", "two", "resumed", "straight")}
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))  # more oversubscribes
   futures = {
       "two": pool.submit(_run_processes, _config(tiny_world, MESH), dirs["two"], 2, 4),
       "mesh": pool.submit(run_train, _config(tiny_world, MESH), dirs["mesh"], env=_env(8), timeout=TIMEOUT),
       "one": pool.submit(run_train, _config(tiny_world, ONE_DEVICE), dirs["one"], env=_env(1), timeout=TIMEOUT),
       "bytes": pool.submit(_per_device_bytes, tiny_world),
+      "straight": pool.submit(run_train, _constant_lr(tiny_world, ONE_DEVICE, 2 * STEPS), dirs["straight"],
+                              env=_env(1), timeout=TIMEOUT),
+      "resumed": pool.submit(_resume_on_mesh, tiny_world, dirs["resumed"]),
   }
   yield futures, dirs
   pool.shutdown(wait=True)  # the runs time out by themselves
+
+
+def _constant_lr(world: str, mesh: dict, steps: int):
+  """A config whose learning rate does not depend on train.steps (so a run can be extended)."""
+  config = _config(world, mesh)
+  config.train.steps = steps
+  config.optim.update(warmup_frac=0.0, final_lr_frac=1.0)
+  return config
+
+
+def _resume_on_mesh(world: str, workdir: str) -> subprocess.CompletedProcess:
+  """STEPS steps on one device, then the same run extended to 2 * STEPS on the 8-device mesh."""
+  first = run_train(_constant_lr(world, ONE_DEVICE, STEPS), workdir, env=_env(1), timeout=TIMEOUT)
+  if first.returncode:
+    return first
+  return run_train(_constant_lr(world, MESH, 2 * STEPS), workdir, env=_env(8), timeout=TIMEOUT)
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:
   assert result.returncode == 0, result.stderr[-5000:]
 
 
-def _losses(workdir: str) -> np.ndarray:
+def _losses(workdir: str, steps: int = STEPS) -> np.ndarray:
   """[steps, len(LOSSES)] from the run's metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
-  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  assert [r["step"] for r in rows] == list(range(1, steps + 1))
   return np.array([[r[k] for k in LOSSES] for r in rows], np.float64)
 
 
@@ -177,3 +198,15 @@ def test_two_processes_match_one_process(runs):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_resume_on_another_mesh(runs):
+  futures, dirs = runs
+  _ok(futures["straight"].result())
+  resumed = futures["resumed"].result()
+  _ok(resumed)
+  assert f"checkpoints/{STEPS}" in resumed.stdout + resumed.stderr  # it did resume
+  straight, moved = _losses(dirs["straight"], 2 * STEPS), _losses(dirs["resumed"], 2 * STEPS)
+  rel = _max_rel(straight, moved)
+  print(f"max relative loss difference, resumed on 8 devices vs one device throughout: {rel:.3g}")
+  assert rel <= RTOL, (straight, moved)

@@ -9,7 +9,9 @@ from flax import nnx
 
 def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """0 -> lr over ``warmup_frac`` of the steps, then cosine to ``lr * final_lr_frac``."""
-  warmup = max(1, int(round(optim.warmup_frac * total_steps)))
+  warmup = int(round(optim.warmup_frac * total_steps))
+  if warmup == 0:
+    return optax.cosine_decay_schedule(optim.lr, max(total_steps, 1), alpha=optim.final_lr_frac)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=optim.lr * optim.final_lr_frac)
