@@ -25,6 +25,7 @@ demo: setup
 
 bench: setup
 	$(PY) bench/llm_forward.py
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
