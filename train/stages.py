@@ -20,14 +20,14 @@ from metamorph.models.metamorph import MetaMorph, loss_masks, vpit_loss
 from metamorph.models.siglip import Siglip
 
 Batch = dict[str, jax.Array]
-LossFn = Callable[[nnx.Module, Batch, Any], tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[[nnx.Module, Batch, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
   name: str
   trainable: Callable[[tuple, Any], bool]  # nnx filter: (path, value) -> trains?
-  loss: LossFn                              # (model, batch, normalisers) -> (loss, metrics)
+  loss: LossFn                              # (model, batch, normalisers, rng) -> (loss, metrics)
   normalisers: Callable[[Batch], Any]       # whole-batch quantities micro-batches divide by
   supports_micro_batches: bool = True
   new_token_ids: tuple[int, ...] = ()       # connector: the only embedding rows that train
@@ -38,7 +38,8 @@ def _is_param(value) -> bool:
 
 
 def _vpit_loss(vision_coef: float) -> LossFn:
-  def loss(model: MetaMorph, batch: Batch, counts) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def loss(model: MetaMorph, batch: Batch, counts, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
+    del rng  # deterministic
     tokens = jax.lax.stop_gradient(model.encode_images(batch["images"]))  # [B, I, m, Dv]
     inputs = {**batch, "visual_tokens": tokens}
     logits, predicted = model(inputs)
@@ -51,7 +52,8 @@ def _vpit_counts(batch: Batch) -> tuple[jax.Array, jax.Array]:
   return text.sum(), visual.sum()
 
 
-def _siglip_loss(model: Siglip, batch: Batch, _) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _siglip_loss(model: Siglip, batch: Batch, _, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
+  del rng  # deterministic
   loss = model.loss(batch["images"], batch["text_ids"])
   return loss, {"loss_siglip": loss}
 

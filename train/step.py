@@ -34,21 +34,25 @@ def _loss_and_grads(graphdef, stage: Stage, state: TrainState, batch: Batch, mic
   micro-batches equals the loss of the whole batch exactly.
   """
   normalisers = stage.normalisers(batch)
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-  def loss_fn(params, micro_batch):
+  def loss_fn(params, micro_batch, key):
     model = nnx.merge(graphdef, params, state.frozen)
-    return stage.loss(model, micro_batch, normalisers)
+    return stage.loss(model, micro_batch, normalisers, key)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if micro == 1:
-    (loss, metrics), grads = grad_fn(state.params, batch)
+    (loss, metrics), grads = grad_fn(state.params, batch, step_key)
     return loss, metrics, grads
 
   micro_batches = _split_micro(batch, micro)
-  shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro_batches))
+  keys = jax.random.split(step_key, micro)
+  shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro_batches), keys[0])
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  accumulate = lambda total, micro_batch: (jax.tree.map(jnp.add, total, grad_fn(state.params, micro_batch)), None)
-  ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+  def accumulate(total, xs):
+    micro_batch, key = xs
+    return jax.tree.map(jnp.add, total, grad_fn(state.params, micro_batch, key)), None
+  ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, (micro_batches, keys))
   return loss, metrics, grads
 
 
@@ -65,6 +69,7 @@ def train_step(graphdef, stage: Stage, tx: optax.GradientTransformation, schedul
 
 
 def eval_step(graphdef, stage: Stage, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+  """Metrics of one eval batch (a fixed key: evaluations are comparable over steps)."""
   model = nnx.merge(graphdef, state.params, state.frozen)
-  loss, metrics = stage.loss(model, batch, stage.normalisers(batch))
+  loss, metrics = stage.loss(model, batch, stage.normalisers(batch), jax.random.key(0))
   return {**metrics, "loss": loss}
