@@ -133,6 +133,36 @@ def siglip_batches(config: ml_collections.ConfigDict, tokenizer, split: str, *, 
   return ShardedBatches([one(v) for v in shards])
 
 
+class _Images:
+  """Stored example -> its images, preprocessed: float32 [n, H, W, 3] in [-1, 1]."""
+
+  def __init__(self, image_size: int):
+    self.image_size = image_size
+
+  def __call__(self, example) -> list[np.ndarray]:
+    return [preprocess(load_image(data), self.image_size) for data in example["images"]]
+
+
+class _EachImage(grain.experimental.FlatMapTransform):
+  max_fan_out = 64
+
+  def flat_map(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    return [{"images": image} for image in images]
+
+
+def image_batches(config: ml_collections.ConfigDict, split: str, *, seed: int,
+                  num_epochs: int | None = None) -> ShardedBatches:
+  """Every image of the records (prompts and responses), in batches of ``images`` [B, H, W, 3]."""
+  shards, rows = virtual_shards(config)
+  k = config.data.virtual_shards or jax.process_count()
+  def one(v: int) -> grain.IterDataset:
+    images = examples(sources(config, split), seed=seed, num_epochs=num_epochs, shard_index=v,
+                      shard_count=k).map(_Images(config.data.image_size))
+    ds = images.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads))
+    return grain.experimental.FlatMapIterDataset(ds, _EachImage()).batch(rows, drop_remainder=True)
+  return ShardedBatches([one(v) for v in shards])
+
+
 def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """Process-local rows -> global arrays sharded over the batch axis (host-only fields dropped)."""
   spec = logical_to_spec(("batch",))
