@@ -9,24 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-
-def time_it(fn, repeats: int) -> float:
-  """Median seconds of ``fn()`` over ``repeats`` runs, after one warm-up run."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from timing import time_it
 
 
 def main() -> None:

@@ -27,24 +27,12 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
+from timing import time_it
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def time_it(fn, repeats: int) -> float:
-  """Median seconds of ``fn()`` over ``repeats`` runs, after one warm-up run."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def synthetic_batch(ids: np.ndarray, images: int, m: int, image_size: int, rng) -> dict[str, np.ndarray]:
