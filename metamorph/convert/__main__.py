@@ -3,6 +3,7 @@
   python -m metamorph.convert llm SRC DST        # .gguf file or transformers folder -> ours
   python -m metamorph.convert siglip SRC DST     # transformers SigLIP folder -> ours
   python -m metamorph.convert export-hf SRC DST  # our (or any loadable) LLM -> transformers folder
+  python -m metamorph.convert visualizer SRC DST # diffusers Stable Diffusion folder -> ours
 
 Our checkpoints are folders with config.json, model.safetensors and the
 tokenizer files; `metamorph.convert.load_llm(DST)` reads them.
@@ -37,10 +38,20 @@ def _export_hf(args) -> str:
   return "transformers LlamaForCausalLM folder"
 
 
+def _visualizer(args) -> str:
+  from metamorph.convert.visualizer import convert_visualizer, count_params
+  params = convert_visualizer(args.src, args.dst)["params"]
+  return (f"Stable Diffusion visualizer (UNet {count_params(params['unet']):,} and "
+          f"VAE {count_params(params['vae']):,} parameters)")
+
+
 COMMANDS = {
     "llm": (_llm, "a .gguf file, a transformers LLaMA folder or our folder -> our LLM checkpoint"),
     "siglip": (_siglip, "a transformers SigLIP folder -> our SigLIP checkpoint"),
     "export-hf": (_export_hf, "an LLM checkpoint (any of the above) -> a transformers folder"),
+    "visualizer": (_visualizer, ("a local diffusers Stable Diffusion folder (unet/, vae/, scheduler/; "
+                                 "safetensors weights) -> our visualizer checkpoint (diffusers Flax "
+                                 "UNet and VAE parameters), without torch")),
 }
 
 
