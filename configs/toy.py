@@ -1,5 +1,5 @@
 """The shapes world on a CPU: ``--config configs/toy.py:STAGE`` with STAGE in
-siglip, connector, vpit. Data: ``python -m metamorph.data.shapes --out runs/world``."""
+siglip, visualizer, connector, vpit. Data: ``python -m metamorph.data.shapes --out runs/world``."""
 from train.defaults import base_config
 
 
@@ -38,8 +38,16 @@ def get_config(stage: str = "vpit"):
   if stage == "siglip":
     c.optim.lr = 3e-4
     c.train.batch_size = 64
-  elif stage in ("connector", "vpit"):
+  elif stage in ("connector", "vpit", "visualizer"):
     c.model.siglip_init = "runs/demo/siglip"
+  if stage == "visualizer":
+    c.model.visualizer = dict(preset="toy")  # a pixel-space UNet (metamorph.models.visualizer)
+    c.optim.lr = 3e-4
+    c.optim.clip_norm = 1.0
+    c.train.batch_size = 32
+    c.train.steps = 2000
+    c.train.sample_every = 500
+    c.train.eval_every = 0
   if stage == "vpit":
     c.init_from = "runs/demo/connector"
   return c

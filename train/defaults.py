@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-STAGES = ("siglip", "connector", "vpit")
+STAGES = ("siglip", "connector", "vpit", "visualizer")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -19,6 +19,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.llm = ml_collections.ConfigDict()  # LlamaConfig fields when llm_init == ""
   c.model.siglip_init = ""      # a siglip-stage workdir, our SigLIP folder or a transformers folder
   c.model.siglip = ml_collections.ConfigDict()  # SiglipVisionConfig/SiglipTextConfig fields (siglip stage, random)
+  c.model.visualizer = ml_collections.ConfigDict()  # visualizer stage: {"preset": "toy" | "sd15", **VisualizerConfig fields}
+  c.model.visualizer_init = ""  # a diffusers Stable Diffusion folder or our converted one (UNet + VAE)
   c.model.num_visual_tokens = 16  # m tokens per image
   c.model.vision_coef = 1.0       # forced to 0 in the connector stage
   c.model.dtype = "float32"       # compute dtype ("bfloat16" on accelerators)
@@ -68,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.async_checkpoints = True
   c.train.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind
+  c.train.sample_every = 0      # visualizer stage: write originals next to reconstructions (PNG)
 
   # --- devices -------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

@@ -22,6 +22,7 @@ from metamorph.models.siglip import Siglip, SiglipConfig, SiglipTextConfig, Sigl
 
 MODEL_DIR = "model"   # WORKDIR/model: the exported model of a run
 METAMORPH_KIND = "metamorph"
+VISUALIZER_KIND = "visualizer"
 
 
 @dataclasses.dataclass
@@ -94,13 +95,49 @@ def metamorph_spec(config: ml_collections.ConfigDict, *, load_weights: bool = Tr
   return ModelSpec(cfg, tokenizer, new_ids, llm_params, llm_cfg.vocab_size)
 
 
+_SCHEDULER_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                     "clip_sample", "set_alpha_to_one", "steps_offset")
+
+
+def visualizer_spec(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> ModelSpec:
+  """The visualizer stage: ``model.visualizer`` = {"preset": "toy" | "sd15", **fields}; with
+  ``model.visualizer_init`` the UNet/VAE/scheduler configs come from that Stable Diffusion folder."""
+  from metamorph.models.visualizer import VisualizerConfig, VisualizerModelConfig
+  vision = _vision_config(config, load_weights)
+  fields = config.model.visualizer.to_dict()
+  preset = fields.pop("preset", "toy")
+  presets = {"toy": VisualizerConfig.toy, "sd15": VisualizerConfig.sd15}
+  if preset not in presets:
+    raise ValueError(f"config.model.visualizer.preset is {preset!r}; use one of {sorted(presets)}")
+  fields = {"num_tokens": config.model.num_visual_tokens, "token_dim": vision.hidden_size, **fields,
+            "dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
+  if preset == "toy":
+    fields.setdefault("image_size", config.data.image_size)
+  if config.model.visualizer_init and load_weights:
+    sd = visualizer_convert().read_stable_diffusion(exported(config.model.visualizer_init))["config"]
+    fields.update(unet=dict(sd["unet"]), vae=dict(sd["vae"]),
+                  **{k: sd["scheduler"][k] for k in _SCHEDULER_FIELDS if k in sd["scheduler"]})
+  return ModelSpec(VisualizerModelConfig(vision=vision, visualizer=presets[preset](**fields)),
+                   tokenizer=_load_tokenizer(config, None))
+
+
+def visualizer_convert():
+  from metamorph.convert import visualizer
+  return visualizer
+
+
 def spec(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> ModelSpec:
-  return siglip_spec(config) if config.stage == "siglip" else metamorph_spec(config, load_weights=load_weights)
+  if config.stage == "siglip":
+    return siglip_spec(config)
+  if config.stage == "visualizer":
+    return visualizer_spec(config, load_weights=load_weights)
+  return metamorph_spec(config, load_weights=load_weights)
 
 
 def random_model(model_spec: ModelSpec, seed: int) -> nnx.Module:
-  cls = Siglip if isinstance(model_spec.config, SiglipConfig) else MetaMorph
-  return cls(model_spec.config, rngs=nnx.Rngs(seed))
+  from metamorph.models.visualizer import VisualizerModel, VisualizerModelConfig
+  classes = {SiglipConfig: Siglip, MetaMorphConfig: MetaMorph, VisualizerModelConfig: VisualizerModel}
+  return classes[type(model_spec.config)](model_spec.config, rngs=nnx.Rngs(seed))
 
 
 def _resized_llm_params(model_spec: ModelSpec) -> dict[str, np.ndarray]:
@@ -119,11 +156,31 @@ def load_pretrained(model: nnx.Module, model_spec: ModelSpec, config: ml_collect
       tensors.load_module_params(model, tensors.module_params(siglip_convert.load_siglip(
           exported(config.model.siglip_init), **_dtypes(config))), config.model.siglip_init)
     return
+  if config.stage == "visualizer" and config.model.visualizer_init:
+    _load_stable_diffusion(model.visualizer, config.model.visualizer_init)
   if model_spec.llm_params is not None:
     tensors.load_module_params(model.llm, _resized_llm_params(model_spec), config.model.llm_init)
   if config.model.siglip_init:
     tensors.load_module_params(model.vision, tensors.module_params(siglip_convert.load_siglip(
         exported(config.model.siglip_init), tower="vision", **_dtypes(config))), config.model.siglip_init)
+
+
+def _load_stable_diffusion(visualizer: nnx.Module, path: str) -> None:
+  """The UNet and VAE weights of a Stable Diffusion folder; the adapter keeps its init."""
+  sd = visualizer_convert().read_stable_diffusion(exported(path))["params"]
+  params = tensors.module_params(visualizer)
+  for part in ("unet", "vae"):
+    flat = {f"{part}/" + "/".join(k): v for k, v in _flatten(sd[part] or {})}
+    params.update(flat)
+  tensors.load_module_params(visualizer, params, path)
+
+
+def _flatten(tree: dict, prefix: tuple = ()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, prefix + (key,))
+    else:
+      yield prefix + (key,), value
 
 
 def load_run(model: nnx.Module, workdir: str) -> None:
@@ -137,6 +194,7 @@ def export(model: nnx.Module, tokenizer, dst: str) -> None:
   if isinstance(model, Siglip):
     siglip_convert.save_siglip(model, dst)
   else:
-    tensors.write_converted(dst, METAMORPH_KIND, model.config.to_dict(), model)
+    kind = METAMORPH_KIND if isinstance(model, MetaMorph) else VISUALIZER_KIND
+    tensors.write_converted(dst, kind, model.config.to_dict(), model)
   if tokenizer is not None:
     tokenizer.save_pretrained(dst)

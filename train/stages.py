@@ -5,6 +5,8 @@ how a batch's loss is normalised.
   connector  VPiT stage 1: only the input projector and the new token rows of the
              embedding (and of an untied LM head) train; no vision loss.
   vpit       VPiT stage 2: everything but the vision encoder trains, with the vision loss.
+  visualizer the diffusion decoder (adapter + UNet) learns to draw images from their own
+             visual tokens; the vision encoder (and a VAE) stay frozen.
 """
 from __future__ import annotations
 
@@ -58,6 +60,13 @@ def _siglip_loss(model: Siglip, batch: Batch, _, rng) -> tuple[jax.Array, dict[s
   return loss, {"loss_siglip": loss}
 
 
+def _visualizer_loss(model, batch: Batch, batch_rows, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean over this micro-batch, rescaled so micro-batch losses sum to the batch mean."""
+  loss, metrics = model.loss(batch["images"], rng)
+  scale = batch["images"].shape[0] / batch_rows
+  return loss * scale, {k: v * scale for k, v in metrics.items()}
+
+
 def stage(name: str, *, vision_coef: float = 1.0, new_token_ids: tuple[int, ...] = ()) -> Stage:
   """The ``Stage`` called ``name``."""
   if name == "siglip":
@@ -69,7 +78,10 @@ def stage(name: str, *, vision_coef: float = 1.0, new_token_ids: tuple[int, ...]
     return Stage(name, trainable, _vpit_loss(0.0), _vpit_counts, new_token_ids=new_token_ids)
   if name == "vpit":
     return Stage(name, lambda path, v: _is_param(v) and path[0] != "vision", _vpit_loss(vision_coef), _vpit_counts)
-  raise ValueError(f"unknown stage {name!r}; use one of siglip, connector, vpit")
+  if name == "visualizer":
+    from metamorph.models.visualizer import VisualizerModel
+    return Stage(name, VisualizerModel.TRAINABLE, _visualizer_loss, lambda batch: batch["images"].shape[0])
+  raise ValueError(f"unknown stage {name!r}; use one of siglip, connector, vpit, visualizer")
 
 
 def mask_new_token_rows(grads: nnx.State, token_ids: tuple[int, ...]) -> nnx.State:

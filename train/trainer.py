@@ -153,6 +153,8 @@ def _datasets(s: Setup, split: str, seed: int, num_epochs: int | None = None):
   c = s.config
   if c.stage == "siglip":
     return data.siglip_batches(c, s.spec.tokenizer, split, seed=seed, num_epochs=num_epochs)
+  if c.stage == "visualizer":
+    return data.image_batches(c, split, seed=seed, num_epochs=num_epochs)
   layout = TokenLayout.from_tokenizer(s.spec.tokenizer, c.model.num_visual_tokens)
   return data.vpit_batches(c, s.spec.tokenizer, layout, split, seed=seed, num_epochs=num_epochs)
 
@@ -166,7 +168,8 @@ def flops_model(s: Setup) -> tuple[float, float]:
   """(model FLOPs per trained token, per image) of a step (see ``train.metrics``)."""
   st = s.abstract_state
   n_trained = count_params(st.params)
-  if s.config.stage == "siglip":
+  if s.config.stage == "visualizer":
+    return 0.0, 0.0  # diffusion UNet FLOPs are not modelled: no MFU for this stage
     vision = s.spec.config.vision
     n_vision = count_params(st.params["vision"])
     return 6.0 * (n_trained - n_vision), 6.0 * n_vision * vision.num_patches
@@ -221,7 +224,7 @@ def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[s
   dropped = np.zeros(len(PIPELINE_REASONS), np.int64)
   per_token, per_image = flops_model(s)
   last: dict[str, Any] = {}
-  window = {"tokens": 0, "flops": 0.0, "time": time.perf_counter()}
+  window = {"tokens": 0, "images": 0, "flops": 0.0, "time": time.perf_counter()}
   bar = tqdm(total=c.train.steps, initial=start_step, desc=f"{c.stage}", dynamic_ncols=True,
              disable=jax.process_index() != 0)
   meta = _meta(s, workdir)
@@ -230,12 +233,14 @@ def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[s
       local = next(train_iter)
       if "dropped" in local:
         dropped += local["dropped"].sum(0)
-      tokens = int((local["segment_ids"] > 0).sum()) if "segment_ids" in local else int(local["text_ids"].size)
-      images = int(local["image_mask"].sum()) if "image_mask" in local else len(local["images"])
+      tokens, images = _batch_counts(local)
       state, out = step_fn(state, data.global_batch(local, s.mesh))
       window["tokens"] += tokens * jax.process_count()
+      window["images"] += images * jax.process_count()
       window["flops"] += (per_token * tokens + per_image * images) * jax.process_count()
       done = step + 1
+      if c.train.sample_every and done % c.train.sample_every == 0:
+        _write_samples(s, state, local, os.path.join(workdir, "samples", f"step_{done:07d}.png"))
       if done % c.train.log_every == 0 or done == c.train.steps:
         out = jax.device_get(out)
         _check_finite(float(out["loss"]), done, workdir, mgr)
@@ -253,18 +258,49 @@ def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[s
         break
     mgr.wait_until_finished()
     if int(jax.device_get(state.step)) == c.train.steps:
-      params, frozen = state.params, state.frozen
-      if jax.process_count() > 1:  # a collective (every process calls it): process 0 gets whole arrays
-        params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
-      if jax.process_index() == 0:
-        model = nnx.merge(s.graphdef, params, frozen)
-        model_init.export(model, s.spec.tokenizer, os.path.join(workdir, model_init.MODEL_DIR))
+      _export(s, state, workdir)
   finally:
     bar.close()
     writer.close()
     stop.restore()
     mgr.close()
   return last
+
+
+def _batch_counts(local: dict[str, np.ndarray]) -> tuple[int, int]:
+  """(tokens, images) of a process-local batch: real (non-padding) tokens, used image slots."""
+  if "segment_ids" in local:
+    tokens = int((local["segment_ids"] > 0).sum())
+  else:
+    tokens = int(local["text_ids"].size) if "text_ids" in local else 0
+  images = int(local["image_mask"].sum()) if "image_mask" in local else len(local["images"])
+  return tokens, images
+
+
+def _export(s: Setup, state: TrainState, workdir: str) -> None:
+  """The trained model to WORKDIR/model (process 0 writes it)."""
+  params, frozen = state.params, state.frozen
+  if jax.process_count() > 1:  # a collective (every process calls it): process 0 gets whole arrays
+    params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
+  if jax.process_index() == 0:
+    model = nnx.merge(s.graphdef, params, frozen)
+    model_init.export(model, s.spec.tokenizer, os.path.join(workdir, model_init.MODEL_DIR))
+
+
+def _write_samples(s: Setup, state: TrainState, local: dict[str, np.ndarray], path: str) -> None:
+  """Visualizer stage: up to 8 images of the batch (top) above their reconstructions (bottom).
+  Single-process runs only (process 0 would need every shard of the model)."""
+  if s.config.stage != "visualizer" or jax.process_count() > 1:
+    return
+  from PIL import Image
+
+  from metamorph.models.visualizer import reconstruct, to_uint8
+  model = nnx.merge(s.graphdef, state.params, state.frozen)
+  originals = np.asarray(to_uint8(local["images"][:8]))
+  rebuilt = reconstruct(model.visualizer, model.vision, originals)
+  grid = np.concatenate([np.concatenate(list(originals), 1), np.concatenate(list(rebuilt), 1)], 0)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(grid).save(path)
 
 
 def _check_finite(loss: float, step: int, workdir: str, mgr) -> None:
@@ -278,13 +314,15 @@ def _check_finite(loss: float, step: int, workdir: str, mgr) -> None:
 def _log(writer, bar, step: int, out: dict, window: dict, peak, dropped) -> dict[str, Any]:
   elapsed = time.perf_counter() - window["time"]
   values = {k: float(v) for k, v in out.items()}
-  values["tokens_per_s"] = window["tokens"] / elapsed
-  if peak:
+  if window["tokens"]:
+    values["tokens_per_s"] = window["tokens"] / elapsed
+  values["images_per_s"] = window["images"] / elapsed
+  if peak and window["flops"]:
     values["mfu"] = window["flops"] / elapsed / (peak * jax.device_count())
   values["records_dropped"] = int(dropped.sum())
   values.update({f"dropped_{r}": int(n) for r, n in zip(PIPELINE_REASONS, dropped) if n})
   writer.write(step, values)
   bar.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "loss_text", "loss_vision", "loss_siglip",
-                                                     "tokens_per_s") if k in values})
-  window.update(tokens=0, flops=0.0, time=time.perf_counter())
+                                                     "loss_diffusion", "tokens_per_s") if k in values})
+  window.update(tokens=0, images=0, flops=0.0, time=time.perf_counter())
   return values
