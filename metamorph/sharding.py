@@ -100,13 +100,31 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partition
   return PartitionSpec(*out)
 
 
+def unnamed_spec(shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """Parameters without logical names (diffusers' Flax UNet/VAE): matrices and conv
+  kernels are split over ``fsdp`` along their largest divisible dimension; the rest
+  is replicated."""
+  size = mesh.shape.get("fsdp", 1)
+  if len(shape) < 2 or size == 1:
+    return PartitionSpec()
+  candidates = [d for d in range(len(shape)) if shape[d] % size == 0]
+  if not candidates:
+    return PartitionSpec()
+  dim = max(candidates, key=lambda d: shape[d])
+  return PartitionSpec(*("fsdp" if d == dim else None for d in range(len(shape))))
+
+
 def tree_shardings(tree, mesh: Mesh, rules: Sequence[tuple[str, Any]] = AXIS_RULES):
   """``NamedSharding`` for every array leaf of ``tree`` (params, optimizer state...):
-  from the logical names of ``nnx.Variable`` leaves, replicated for the rest."""
+  from the logical names of ``nnx.Variable`` leaves (``unnamed_spec`` for variables
+  without names), replicated for the other leaves (step counters, RNG keys)."""
   def one(leaf):
     if isinstance(leaf, nnx.Variable):
       names = leaf.get_metadata().get("out_sharding")
-      spec = fit_spec(logical_to_spec(names, rules), leaf.shape, mesh)
+      if names is None:
+        spec = unnamed_spec(leaf.shape, mesh)
+      else:
+        spec = fit_spec(logical_to_spec(names, rules), leaf.shape, mesh)
       return leaf.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -174,3 +174,29 @@ def test_remat_same_loss_and_grads():
 def test_remat_is_validated():
   with pytest.raises(ValueError, match="remat"):
     LlamaConfig(**_TINY, remat="some")
+
+
+_PLAN_SD15 = textwrap.dedent("""
+    import json, math, jax
+    from configs.visualizer_sd15 import get_config
+    from train import trainer
+    s = trainer.make_setup(get_config(), load_weights=False)
+    st = s.abstract_state
+    print("PLAN " + json.dumps({
+        "unet": trainer.count_params(st.params["visualizer"]["unet"]),
+        "vae": trainer.count_params(st.frozen["visualizer"]["vae"]),
+        "total_bytes": sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(st)),
+        "per_device": trainer.per_device_bytes(s)}))
+""")
+
+
+def test_sd15_visualizer_builds_and_shards_over_8_devices():
+  """SD-1.5's UNet/VAE params carry no logical names: they are split over fsdp anyway."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": ROOT}
+  proc = subprocess.run([sys.executable, "-c", _PLAN_SD15], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  plan = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("PLAN "))[len("PLAN "):])
+  assert abs(plan["unet"] - 859_520_964) < 1000 and abs(plan["vae"] - 83_653_863) < 1000
+  assert plan["per_device"]["max"] <= plan["total_bytes"] / 8 * 1.05, plan
