@@ -58,9 +58,9 @@ for _handler in logging.getLogger("diffusers").handlers:
   if not any(isinstance(f, _DropFlaxDeprecation) for f in _handler.filters):
     _handler.addFilter(_DropFlaxDeprecation())
 
-from diffusers import (FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDPMSolverMultistepScheduler,  # noqa: E402
+from diffusers import (FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDPMSolverMultistepScheduler,
                        FlaxUNet2DConditionModel)
-from diffusers.schedulers.scheduling_utils_flax import CommonSchedulerState  # noqa: E402
+from diffusers.schedulers.scheduling_utils_flax import CommonSchedulerState
 
 for _name in list(logging.root.manager.loggerDict):  # runtime messages, whatever handles them
   if _name.startswith("diffusers") and _name.endswith("_flax"):
@@ -128,9 +128,10 @@ class VisualizerConfig(ModelConfig):
     (SD-1.5: False, False, 1). DPM-Solver++ (order 2, "linspace" spacing) shares
     the schedule.
   cond_drop_prob: probability that a training example's condition is zeros.
+  ``VisualizerConfig()`` is ``VisualizerConfig.sd15()``.
   """
-  mode: str = "pixel"
-  image_size: int = 32
+  mode: str = "latent"
+  image_size: int = 512
   num_tokens: int = 64
   token_dim: int = 1152
   adapter: str = "mlp"
@@ -140,7 +141,7 @@ class VisualizerConfig(ModelConfig):
   resampler_heads: int = 8
   pad_to: int = 77
   unet: dict = dataclasses.field(default_factory=lambda: dict(SD15_UNET))
-  vae: dict | None = None
+  vae: dict | None = dataclasses.field(default_factory=lambda: dict(SD15_VAE))
   vae_scaling_factor: float = 0.18215
   num_train_timesteps: int = 1000
   beta_schedule: str = "scaled_linear"
@@ -320,7 +321,7 @@ def _freeze(kwargs: Mapping[str, Any]) -> tuple:
   return tuple(sorted(kwargs.items()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _diffusers_module(which: str, kwargs: tuple, dtype: str):
   cls = FlaxUNet2DConditionModel if which == "unet" else FlaxAutoencoderKL
   return cls(**dict(kwargs), dtype=jnp.dtype(dtype))
@@ -332,7 +333,7 @@ def _schedule_kwargs(config: VisualizerConfig) -> dict[str, Any]:
               prediction_type=config.prediction_type, dtype=jnp.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scheduler(config: VisualizerConfig, sampler: str):
   if sampler == "ddim":
     return FlaxDDIMScheduler(**_schedule_kwargs(config), clip_sample=config.clip_sample,
@@ -375,6 +376,30 @@ def _to_plain(tree) -> dict:
   if isinstance(tree, (nnx.Dict, Mapping)):
     return {k: _to_plain(v) for k, v in tree.items()}
   return tree[...]
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, (nnx.Dict, Mapping)):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}/{k}" if prefix else str(k)))
+    return out
+  return {prefix: tree}
+
+
+def _load_tree(target: nnx.Dict, params: Mapping, name: str) -> None:
+  """Copies a nested dict of arrays into the matching ``nnx.Param`` leaves of ``target``."""
+  ours, theirs = _flatten(target), _flatten(params)
+  missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+  if missing or unexpected:
+    raise ValueError(f"{name} params do not match the config: missing {missing[:5]} "
+                     f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
+  for key, var in ours.items():
+    if tuple(np.shape(theirs[key])) != tuple(var.shape):
+      raise ValueError(f"{name} param '{key}' has shape {tuple(np.shape(theirs[key]))}, "
+                       f"the config implies {tuple(var.shape)}")
+  for key, var in ours.items():
+    var.set_value(jnp.asarray(theirs[key], var.dtype))
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -504,6 +529,18 @@ class Visualizer(nnx.Module):
   def vae_params(self) -> dict | None:
     """The VAE's plain nested ``params`` dict, or None in pixel mode."""
     return None if self.vae is None else _to_plain(self.vae)
+
+  def load_unet_params(self, params: Mapping) -> None:
+    """Sets the UNet from a diffusers Flax ``params`` nested dict (e.g. what
+    ``FlaxUNet2DConditionModel.from_pretrained(..., from_pt=True)`` returns); the keys and
+    shapes must match this config's UNet exactly; values are cast to ``param_dtype``."""
+    _load_tree(self.unet, params, "unet")
+
+  def load_vae_params(self, params: Mapping) -> None:
+    """As ``load_unet_params``, for the VAE (latent mode)."""
+    if self.vae is None:
+      raise ValueError("this visualizer has no VAE (pixel mode)")
+    _load_tree(self.vae, params, "vae")
 
   # --- checks
   def _check_tokens(self, tokens) -> None:
@@ -637,21 +674,28 @@ class Visualizer(nnx.Module):
     c = self.config
     cond = self.condition(tokens)
     shape = (tokens.shape[0], c.channels, c.sample_size, c.sample_size)
-    scheduler = _scheduler(c, sampler)
-    state = scheduler.set_timesteps(scheduler.create_state(), steps, shape)
-    x = jax.random.normal(rng, shape, jnp.float32) * state.init_noise_sigma
+    eps_fn = lambda x, t: self.guided_prediction(x, t, cond, guidance, use_cfg)
+    return self.decode(denoise(c, eps_fn, shape, steps=steps, rng=rng, sampler=sampler))
 
-    def body(i, carry):
-      x, state = carry
-      t = state.timesteps[i]
-      eps = self.guided_prediction(x, t, cond, guidance, use_cfg)
-      return scheduler.step(state, eps, t, x, return_dict=False)
 
-    if sampler == "ddim":  # DDIM's state is constant: close over it (keeps num_inference_steps static)
-      x = jax.lax.fori_loop(0, steps, lambda i, x: body(i, (x, state))[0], x)
-    else:
-      x, _ = jax.lax.fori_loop(0, steps, body, (x, state))
-    return self.decode(x)
+def denoise(config: VisualizerConfig, eps_fn, shape: tuple[int, ...], *, steps: int, rng: jax.Array,
+            sampler: str = "ddim") -> jax.Array:
+  """The sampling loop: noise of ``shape`` (NCHW) from ``rng``, then ``steps`` of diffusers'
+  DDIM (eta 0) or DPM-Solver++ (order 2) with ``eps_fn(x, t) -> model output`` (epsilon or v,
+  per ``config.prediction_type``), all inside one ``jax.lax.fori_loop``. Returns the final
+  sample (DDIM: x_0; diffusers' Flax DPM-Solver stops at timestep 0, sigma ~ 0.01)."""
+  scheduler = _scheduler(config, sampler)
+  state = scheduler.set_timesteps(scheduler.create_state(), steps, shape)
+  x = jax.random.normal(rng, shape, jnp.float32) * state.init_noise_sigma
+
+  def body(i, carry):
+    x, state = carry
+    t = state.timesteps[i]
+    return scheduler.step(state, eps_fn(x, t), t, x, return_dict=False)
+
+  if sampler == "ddim":  # DDIM's state is constant: close over it (keeps num_inference_steps static)
+    return jax.lax.fori_loop(0, steps, lambda i, x: body(i, (x, state))[0], x)
+  return jax.lax.fori_loop(0, steps, body, (x, state))[0]
 
 
 def check_sampling(config: VisualizerConfig, steps, guidance, sampler) -> None:
@@ -665,6 +709,12 @@ def check_sampling(config: VisualizerConfig, steps, guidance, sampler) -> None:
   g = _static_number(guidance)
   if g is not None and not g >= 0:
     raise ValueError(f"guidance must be >= 0, got {guidance!r}")
+
+
+def _check_seed(seed) -> int:
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+    raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+  return int(seed)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -689,6 +739,7 @@ def render(visualizer: Visualizer, tokens, *, guidance: float = 3.0, steps: int 
   guidance scale are traced."""
   visualizer._check_tokens(tokens)
   check_sampling(visualizer.config, steps, guidance, sampler)
+  seed = _check_seed(seed)
   graphdef, state = nnx.split(visualizer)
   out = _render_jit(graphdef, state, jnp.asarray(tokens, jnp.float32), jnp.float32(guidance),
                     jnp.uint32(seed), steps=int(steps), sampler=sampler, use_cfg=float(guidance) != 1.0)

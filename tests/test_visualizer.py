@@ -1,0 +1,307 @@
+"""The visualizer (diffusion decoder) on tiny configs: it learns, samples deterministically,
+guides exactly, pads and drops conditions, runs in latent mode, and rejects bad inputs."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from metamorph.convert.tensors import build_module, module_params
+from metamorph.models import visualizer as V
+from metamorph.models.siglip import SiglipVisionConfig
+
+B, M, DV, SIZE = 2, 4, 8, 16
+
+
+def tiny_config(**overrides) -> V.VisualizerConfig:
+  unet = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=None, cross_attention_dim=32,
+              attention_head_dim=2)
+  return V.VisualizerConfig.toy(image_size=SIZE, num_tokens=M, token_dim=DV, block_out_channels=(32, 32),
+                                unet={**unet, **overrides.pop("unet", {})}, adapter_hidden=32, **overrides)
+
+
+def tiny_latent_config(**overrides) -> V.VisualizerConfig:
+  vae = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+             latent_channels=4, norm_num_groups=4, sample_size=SIZE)
+  unet = dict(sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32,),
+              down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+  return tiny_config(mode="latent", vae=vae, unet=unet, **overrides)
+
+
+def variant(visualizer: V.Visualizer, **changes) -> V.Visualizer:
+  """The same parameters under a config with ``changes`` that keep the parameter shapes."""
+  config = visualizer.config.replace(**changes)
+  out = nnx.eval_shape(lambda: V.Visualizer(config, rngs=nnx.Rngs(0)))
+  nnx.update(out, nnx.state(visualizer))
+  return out
+
+
+def unit_tokens(seed: int, b: int = B) -> jax.Array:
+  x = jax.random.normal(jax.random.key(seed), (b, M, DV))
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def images(seed: int, b: int = B) -> jax.Array:
+  """Smooth random images in [-1, 1]."""
+  base = jax.random.uniform(jax.random.key(seed), (b, 4, 4, 3), minval=-1, maxval=1)
+  return jax.image.resize(base, (b, SIZE, SIZE, 3), "linear")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return V.Visualizer(tiny_config(), rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_json_round_trip_and_presets():
+  for config in (tiny_config(), tiny_latent_config(adapter="resampler", num_queries=3, pad_to=5),
+                 V.VisualizerConfig.toy(), V.VisualizerConfig.sd15()):
+    back = V.VisualizerConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert back == config and hash(back) == hash(config)
+  sd = V.VisualizerConfig.sd15()
+  assert (sd.mode, sd.image_size, sd.sample_size, sd.channels, sd.padded_length) == ("latent", 512, 64, 4, 77)
+  assert sd.unet["block_out_channels"] == (320, 640, 1280, 1280) and sd.cross_attention_dim == 768
+  assert (sd.adapter, sd.adapter_hidden, sd.cond_drop_prob, sd.num_tokens, sd.token_dim) == ("mlp", 2048, 0.8, 64, 1152)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(mode="voxel"), "mode must be one of"),
+    (dict(pad_to=3), r"pad_to \(3\) must be 0"),
+    (dict(unet=dict(in_channels=4)), r"unet in_channels \(4\) must be 3 in pixel mode"),
+    (dict(unet=dict(sample_size=8)), r"unet sample_size \(8\) must be 16"),
+    (dict(unet=dict(bogus=1)), "unknown unet keys"),
+    (dict(unet=dict(block_out_channels=(32, 48))), "multiples of 32"),
+    (dict(cond_drop_prob=1.5), "cond_drop_prob"),
+    (dict(prediction_type="sample"), "prediction_type"),
+    (dict(mode="latent"), "latent mode needs vae"),
+])
+def test_config_errors(changes, message):
+  with pytest.raises(ValueError, match=message):
+    tiny_config(**changes)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_parameter_layout(tiny):
+  flat = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(tiny, nnx.Param))}
+  assert {"adapter/fc1/kernel", "adapter/norm/scale", "adapter/fc2/bias", "unet/conv_in/kernel",
+          "unet/down_blocks_0/resnets_0/conv1/kernel",
+          "unet/down_blocks_1/attentions_0/transformer_blocks_0/attn2/to_k/kernel"} <= flat
+  params = tiny.unet_params()
+  assert isinstance(params, dict) and params["conv_in"]["kernel"].shape == (3, 3, 3, 32)
+  assert tiny.vae is None and tiny.vae_params() is None
+  names = nnx.state(tiny, nnx.Param)["adapter"]["fc1"]["kernel"].get_metadata().get("out_sharding")
+  assert names == ("vis_embed", "mlp")
+  # a converted checkpoint (flat "unet/..." names) loads into an abstract module
+  tensors = module_params(tiny)
+  rebuilt = build_module(lambda: V.Visualizer(tiny.config, rngs=nnx.Rngs(7)), tensors, "test")
+  np.testing.assert_array_equal(rebuilt.unet_params()["conv_in"]["kernel"], params["conv_in"]["kernel"])
+  # or from diffusers' nested params dict
+  other = nnx.eval_shape(lambda: V.Visualizer(tiny.config, rngs=nnx.Rngs(7)))
+  other.load_unet_params(jax.tree.map(lambda x: x + 1.0, params))
+  np.testing.assert_array_equal(other.unet_params()["conv_out"]["bias"], params["conv_out"]["bias"] + 1.0)
+  del params["conv_out"]
+  with pytest.raises(ValueError, match=r"unet params do not match the config: missing \['conv_out/bias'"):
+    other.load_unet_params(params)
+  with pytest.raises(ValueError, match="no VAE"):
+    other.load_vae_params({})
+
+
+def test_resampler_adapter(tiny):
+  config = tiny.config.replace(adapter="resampler", num_queries=3, pad_to=5)
+  adapter = nnx.eval_shape(lambda: V.Resampler(config, rngs=nnx.Rngs(0)))
+  assert {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(adapter, nnx.Param))} >= {
+      "queries", "proj_in/kernel", "layers/0/attn/query/kernel", "layers/1/fc2/bias", "norm_out/scale"}
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: V.Visualizer(config, rngs=nnx.Rngs(0))))
+  cond, adapted = jax.eval_shape(lambda s: (nnx.merge(graphdef, s).condition(unit_tokens(0)),
+                                             nnx.merge(graphdef, s).adapter(unit_tokens(0))), state)
+  assert cond.shape == (B, 5, 32) and adapted.shape == (B, 3, 32)
+
+
+def tiny_vision() -> SiglipVisionConfig:
+  return SiglipVisionConfig(hidden_size=DV, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=SIZE, patch_size=4)
+
+
+def test_training_reduces_loss(tiny):
+  """A few adam steps on the trainable params of a VisualizerModel (frozen SigLIP tower ->
+  tokens -> visualizer), jitted over nnx.split state, on a fixed batch and rng."""
+  config = V.VisualizerModelConfig(vision=tiny_vision(), visualizer=tiny.config)
+  model = V.VisualizerModel(config, rngs=nnx.Rngs(0), visualizer=tiny)
+  graphdef, params, rest = nnx.split(model, V.VisualizerModel.TRAINABLE, ...)
+  assert {p[0] for p, _ in nnx.to_flat_state(params)} == {"visualizer"}
+  assert {p[0] for p, _ in nnx.to_flat_state(rest)} == {"vision"}
+  opt = optax.adam(2e-3)
+
+  @jax.jit
+  def step(params, opt_state, rest, imgs, rng):
+    def loss_fn(params):
+      return nnx.merge(graphdef, params, rest).loss(imgs, rng)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, aux
+
+  opt_state = opt.init(params)
+  imgs, rng = images(0), jax.random.key(0)
+  losses = []
+  for _ in range(8):
+    params, opt_state, loss, aux = step(params, opt_state, rest, imgs, rng)
+    assert float(aux["loss_diffusion"]) == float(loss)
+    losses.append(float(loss))
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.7 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------- conditions
+
+
+def test_condition_is_zero_padded(tiny):
+  padded = variant(tiny, pad_to=7)
+  tokens = unit_tokens(1)
+  cond, plain = padded.condition(tokens), tiny.condition(tokens)
+  assert plain.shape == (B, M, 32) and cond.shape == (B, 7, 32)
+  np.testing.assert_array_equal(cond[:, :M], plain)
+  np.testing.assert_array_equal(cond[:, M:], 0.0)
+  np.testing.assert_array_equal(padded.unconditional(3), np.zeros((3, 7, 32)))
+
+
+def test_condition_dropout_zeroes_whole_conditions(tiny):
+  tokens = unit_tokens(2, b=64)
+  never = variant(tiny, cond_drop_prob=0.0).training_condition(tokens, jax.random.key(0))
+  np.testing.assert_array_equal(never, tiny.condition(tokens))
+  always = variant(tiny, cond_drop_prob=1.0)
+  np.testing.assert_array_equal(always.training_condition(tokens, jax.random.key(0)), 0.0)
+  some = variant(tiny, cond_drop_prob=0.5).training_condition(tokens, jax.random.key(0))
+  dropped = np.all(np.asarray(some) == 0.0, axis=(1, 2))
+  kept = np.all(np.asarray(some) == np.asarray(tiny.condition(tokens)), axis=(1, 2))
+  assert np.all(dropped ^ kept) and 10 < dropped.sum() < 54  # each condition whole: dropped or kept
+  # in the loss path: with p = 1 the loss does not see the tokens
+  graphdef, state = nnx.split(always)
+  imgs, rng = images(1), jax.random.key(3)
+  loss = jax.jit(lambda s, t: nnx.merge(graphdef, s).loss(imgs, t, rng)[0])
+  assert float(loss(state, unit_tokens(4))) == float(loss(state, unit_tokens(5)))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_guidance_one_is_the_conditional_prediction(tiny):
+  graphdef, state = nnx.split(tiny)
+  x = jax.random.normal(jax.random.key(0), (B, 3, SIZE, SIZE))
+
+  @jax.jit
+  def both(state, tokens, guidance):
+    v = nnx.merge(graphdef, state)
+    cond = v.condition(tokens)
+    t = jnp.int32(500)
+    plain = v.predict(x, jnp.full((B,), t), cond)
+    return plain, v.guided_prediction(x, t, cond, guidance), v.guided_prediction(x, t, cond, 1.0, use_cfg=False)
+
+  plain, guided, skipped = both(state, unit_tokens(0), jnp.float32(1.0))
+  np.testing.assert_allclose(guided, plain, atol=1e-6, rtol=0)
+  np.testing.assert_array_equal(skipped, plain)
+  _, strong, _ = both(state, unit_tokens(0), jnp.float32(4.0))
+  assert float(jnp.abs(strong - plain).max()) > 1e-4  # the unconditional half matters for g != 1
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_samplers_recover_the_image_from_the_true_noise(prediction_type):
+  """The loop and schedulers with an oracle model output (for a known x0) land on x0."""
+  config = tiny_config(prediction_type=prediction_type)
+  x0 = jnp.transpose(images(0), (0, 3, 1, 2)) * 0.9
+  alphas = V._scheduler(config, "ddim").create_state().common.alphas_cumprod
+
+  def oracle(x, t):
+    a = alphas[t]
+    eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+    return eps if prediction_type == "epsilon" else jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0
+
+  for sampler, steps, tol in (("ddim", 1, 1e-5), ("ddim", 7, 1e-5), ("dpm", 7, 0.05)):
+    out = V.denoise(config, oracle, x0.shape, steps=steps, rng=jax.random.key(0), sampler=sampler)
+    assert float(jnp.abs(out - x0).max()) < tol, (sampler, steps)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_sampling_is_deterministic_per_seed(tiny, sampler):
+  tokens = unit_tokens(0)
+  a = V.render(tiny, tokens, steps=3, seed=0, sampler=sampler)
+  b = V.render(tiny, tokens, steps=3, seed=0, sampler=sampler)
+  c = V.render(tiny, tokens, steps=3, seed=1, sampler=sampler)
+  assert a.shape == (B, SIZE, SIZE, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  assert np.any(a != c)
+
+
+def test_bad_inputs_give_clear_errors(tiny):
+  with pytest.raises(ValueError, match=r"expected 4 visual tokens per image \(num_tokens\), got 5"):
+    tiny.condition(jnp.zeros((B, 5, DV)))
+  with pytest.raises(ValueError, match=r"expected visual tokens of width 8 \(token_dim\), got 9"):
+    V.render(tiny, jnp.zeros((B, M, DV + 1)))
+  with pytest.raises(ValueError, match=r"tokens must be \[B, m, Dv\]"):
+    V.render(tiny, jnp.zeros((M, DV)))
+  with pytest.raises(ValueError, match=r"images must be \[B, 16, 16, 3\].*\(2, 8, 8, 3\)"):
+    tiny.loss(jnp.zeros((B, 8, 8, 3)), unit_tokens(0), jax.random.key(0))
+  with pytest.raises(ValueError, match=r"images must be \[B, 16, 16, 3\].*\(2, 16, 16, 4\)"):
+    tiny.loss(jnp.zeros((B, SIZE, SIZE, 4)), unit_tokens(0), jax.random.key(0))
+  with pytest.raises(ValueError, match="steps must be an int >= 1"):
+    V.render(tiny, unit_tokens(0), steps=0)
+  with pytest.raises(ValueError, match="guidance must be >= 0"):
+    V.render(tiny, unit_tokens(0), guidance=-1.0)
+  with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+    V.render(tiny, unit_tokens(0), sampler="euler")
+
+
+# ----------------------------------------------------------------------------- other layouts
+
+
+def test_latent_mode_with_a_tiny_vae():
+  visualizer = V.Visualizer(tiny_latent_config(pad_to=6), rngs=nnx.Rngs(1))
+  assert visualizer.config.sample_size == SIZE // 2
+  assert visualizer.vae_params()["encoder"]["conv_in"]["kernel"].shape == (3, 3, 3, 8)
+  graphdef, params, rest = nnx.split(visualizer, V.Visualizer.TRAINABLE, ...)
+  assert not any("vae" in p for p, _ in nnx.to_flat_state(params))
+  assert any(p[0] == "vae" for p, _ in nnx.to_flat_state(rest))
+  imgs, tokens = images(2), unit_tokens(2)
+
+  @jax.jit
+  def loss_grad(params, rest):
+    return jax.value_and_grad(lambda p: nnx.merge(graphdef, p, rest).loss(imgs, tokens, jax.random.key(0))[0])(params)
+
+  loss, grads = loss_grad(params, rest)
+  assert np.isfinite(float(loss)) and float(loss) > 0
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads["unet"]["conv_in"]["kernel"][...]).max()) > 0
+  assert float(jnp.abs(grads["adapter"]["fc1"]["kernel"][...]).max()) > 0
+
+  latents = jax.eval_shape(lambda: visualizer.encode(imgs, jax.random.key(0)))
+  assert latents.shape == (B, 4, SIZE // 2, SIZE // 2)
+  assert visualizer.condition(tokens).shape == (B, 6, 32)
+  for sampler in V.SAMPLERS:
+    out = jax.eval_shape(lambda s=sampler: visualizer.sample(tokens, guidance=2.0, steps=2, rng=jax.random.key(0),
+                                                             sampler=s))
+    assert out.shape == (B, SIZE, SIZE, 3)
+
+
+def test_visualizer_model_tokens_and_reconstruct(tiny):
+  config = V.VisualizerModelConfig(vision=tiny_vision(), visualizer=tiny.config)
+  assert V.VisualizerModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+  model = V.VisualizerModel(config, rngs=nnx.Rngs(0), visualizer=tiny)
+  imgs = images(3)
+  tokens = model.tokens(imgs)
+  assert tokens.shape == (B, M, DV)
+  np.testing.assert_allclose(jnp.linalg.norm(tokens, axis=-1), 1.0, atol=1e-5)
+
+  uint8 = np.asarray(jnp.round((imgs + 1) * 127.5), np.uint8)
+  out = V.reconstruct(tiny, model.vision, uint8, steps=3, seed=0)
+  np.testing.assert_array_equal(out, V.render(tiny, V.encode_tokens(model.vision, uint8, M), steps=3, seed=0))
+  assert out.shape == (B, SIZE, SIZE, 3) and out.dtype == np.uint8
+  with pytest.raises(ValueError, match="token_dim"):
+    V.VisualizerModelConfig(vision=tiny_vision().replace(hidden_size=12), visualizer=tiny.config)
