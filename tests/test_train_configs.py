@@ -44,15 +44,20 @@ _PLAN_8B = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def plan_8b():
+def _plan(script: str) -> dict:
+  """Runs ``script`` on 8 simulated devices; the JSON it prints after "PLAN "."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": ROOT}
-  proc = subprocess.run([sys.executable, "-c", _PLAN_8B], cwd=ROOT, env=env, capture_output=True,
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith("PLAN "))
   return json.loads(line[len("PLAN "):])
+
+
+@pytest.fixture(scope="module")
+def plan_8b():
+  return _plan(_PLAN_8B)
 
 
 def test_llama3_8b_builds_and_shards_over_8_devices(plan_8b):
@@ -192,11 +197,6 @@ _PLAN_SD15 = textwrap.dedent("""
 
 def test_sd15_visualizer_builds_and_shards_over_8_devices():
   """SD-1.5's UNet/VAE params carry no logical names: they are split over fsdp anyway."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": ROOT}
-  proc = subprocess.run([sys.executable, "-c", _PLAN_SD15], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  plan = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("PLAN "))[len("PLAN "):])
+  plan = _plan(_PLAN_SD15)
   assert abs(plan["unet"] - 859_520_964) < 1000 and abs(plan["vae"] - 83_653_863) < 1000
   assert plan["per_device"]["max"] <= plan["total_bytes"] / 8 * 1.05, plan
