@@ -56,11 +56,15 @@ def _train_on_one_batch(config, steps: int = 8):
   return losses, before, (_flat(state.params), _flat(state.frozen)), s
 
 
-@pytest.mark.parametrize("stage", ["siglip", "connector", "vpit"])
+@pytest.mark.parametrize("stage", ["siglip", "connector", "vpit", "visualizer"])
 def test_stage_learns_and_frozen_params_do_not_move(stage, tiny_world, siglip_run):
   overrides = {} if stage == "siglip" else {"model.siglip_init": siglip_run}
-  losses, (params0, frozen0), (params1, frozen1), s = _train_on_one_batch(tiny_config(stage, tiny_world, **overrides))
-  assert losses[-1] < losses[0] - 0.05, losses
+  if stage == "visualizer":  # noise and timesteps are drawn anew each step: average them out
+    overrides.update({"model.visualizer": {"preset": "toy", "block_out_channels": (32, 32, 32)},
+                      "train.batch_size": 32})
+  losses, (params0, frozen0), (params1, frozen1), s = _train_on_one_batch(
+      tiny_config(stage, tiny_world, **overrides), steps=12 if stage == "visualizer" else 8)
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
   assert all(np.isfinite(losses))
   for path, value in frozen0.items():
     np.testing.assert_array_equal(frozen1[path], value, err_msg=str(path))
@@ -72,7 +76,7 @@ def test_stage_learns_and_frozen_params_do_not_move(stage, tiny_world, siglip_ru
     table = ("llm", "embed_tokens", "embedding")
     changed_rows = np.flatnonzero(np.any(params0[table] != params1[table], axis=1))
     assert set(changed_rows) <= set(s.stage.new_token_ids) and len(s.stage.new_token_ids) == 2
-  if stage == "vpit":
+  if stage in ("vpit", "visualizer"):
     assert {p[0] for p in frozen0} == {"vision"}
 
 

@@ -170,6 +170,7 @@ def flops_model(s: Setup) -> tuple[float, float]:
   n_trained = count_params(st.params)
   if s.config.stage == "visualizer":
     return 0.0, 0.0  # diffusion UNet FLOPs are not modelled: no MFU for this stage
+  if s.config.stage == "siglip":
     vision = s.spec.config.vision
     n_vision = count_params(st.params["vision"])
     return 6.0 * (n_trained - n_vision), 6.0 * n_vision * vision.num_patches
