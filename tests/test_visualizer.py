@@ -227,6 +227,15 @@ def test_samplers_recover_the_image_from_the_true_noise(prediction_type):
   for sampler, steps, tol in (("ddim", 1, 1e-5), ("ddim", 7, 1e-5), ("dpm", 7, 0.05)):
     out = V.denoise(config, oracle, x0.shape, steps=steps, rng=jax.random.key(0), sampler=sampler)
     assert float(jnp.abs(out - x0).max()) < tol, (sampler, steps)
+  # clip_sample holds the implied x0 in [-1, 1] for both samplers, even for a useless model
+  useless = lambda x, t: jnp.zeros_like(x)
+  for sampler in V.SAMPLERS:
+    out = V.denoise(config, useless, x0.shape, steps=7, rng=jax.random.key(0), sampler=sampler)
+    assert float(jnp.abs(out).max()) < 1.1, sampler
+    wild = V.denoise(config.replace(clip_sample=False), useless, x0.shape, steps=7, rng=jax.random.key(0),
+                     sampler=sampler)
+    if prediction_type == "epsilon":  # x0 = (x - sigma * 0) / alpha: ~100x the noise without clipping
+      assert float(jnp.abs(wild).max()) > 10, sampler
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm"])

@@ -16,7 +16,13 @@ is exactly diffusers' Flax ``params`` dict, so the flat parameter names are
 ``unet/<diffusers path>`` and ``vae/<diffusers path>``, e.g.
 ``unet/down_blocks_0/resnets_0/conv1/kernel`` or
 ``vae/encoder/down_blocks_0/resnets_0/norm1/scale``; ``unet_params()`` /
-``vae_params()`` give the plain nested dicts for ``.apply({"params": ...})``.
+``vae_params()`` give the plain nested dicts for ``.apply({"params": ...})``
+and ``load_unet_params`` / ``load_vae_params`` set them from such dicts (e.g.
+diffusers' ``from_pretrained(..., from_pt=True)`` output); a flat
+``{"unet/...": array}`` dict loads with ``convert.tensors.build_module``. The
+UNet/VAE parameters carry no logical axis names (replicated under a mesh).
+Training: optimise ``Visualizer.TRAINABLE`` (``VisualizerModel.TRAINABLE``),
+which leaves the VAE (and the SigLIP tower) frozen.
 The adapter's names are ``adapter/fc1/kernel``, ``adapter/norm/scale``,
 ``adapter/fc2/bias``... (see ``MlpAdapter`` and ``Resampler``).
 
@@ -124,8 +130,9 @@ class VisualizerConfig(ModelConfig):
     (without ``dtype``; missing keys take diffusers' defaults). NB diffusers'
     ``attention_head_dim`` is the number of heads.
   Scheduler: the DDPM training schedule (``num_train_timesteps``, ``beta_*``);
-    ``clip_sample``, ``set_alpha_to_one``, ``steps_offset`` are DDIM's options
-    (SD-1.5: False, False, 1). DPM-Solver++ (order 2, "linspace" spacing) shares
+    ``set_alpha_to_one`` and ``steps_offset`` are DDIM's options (SD-1.5: False, 1).
+    ``clip_sample`` clips the predicted x0 to [-1, 1] at every step of both samplers
+    (pixel mode; SD-1.5: False). DPM-Solver++ (order 2, "linspace" spacing) shares
     the schedule.
   cond_drop_prob: probability that a training example's condition is zeros.
   ``VisualizerConfig()`` is ``VisualizerConfig.sd15()``.
@@ -678,6 +685,22 @@ class Visualizer(nnx.Module):
     return self.decode(denoise(c, eps_fn, shape, steps=steps, rng=rng, sampler=sampler))
 
 
+def _clipping(config: VisualizerConfig, eps_fn, alphas_cumprod: jax.Array):
+  """``eps_fn`` rewritten so that the x0 it implies is clipped to [-1, 1] (``clip_sample`` for
+  DPM-Solver++, which diffusers' Flax version lacks: in pixel space at high noise,
+  x0 = (x - sigma eps) / alpha amplifies the model's errors ~100x and the samples saturate)."""
+  def clipped(x, t):
+    out = eps_fn(x, t)
+    a = jnp.sqrt(alphas_cumprod[t])
+    s = jnp.sqrt(1.0 - alphas_cumprod[t])
+    if config.prediction_type == "epsilon":
+      x0 = jnp.clip((x - s * out) / a, -1.0, 1.0)
+      return (x - a * x0) / s
+    x0 = jnp.clip(a * x - s * out, -1.0, 1.0)  # v-prediction
+    return (a * x - x0) / s
+  return clipped
+
+
 def denoise(config: VisualizerConfig, eps_fn, shape: tuple[int, ...], *, steps: int, rng: jax.Array,
             sampler: str = "ddim") -> jax.Array:
   """The sampling loop: noise of ``shape`` (NCHW) from ``rng``, then ``steps`` of diffusers'
@@ -687,6 +710,8 @@ def denoise(config: VisualizerConfig, eps_fn, shape: tuple[int, ...], *, steps: 
   scheduler = _scheduler(config, sampler)
   state = scheduler.set_timesteps(scheduler.create_state(), steps, shape)
   x = jax.random.normal(rng, shape, jnp.float32) * state.init_noise_sigma
+  if config.clip_sample and sampler == "dpm":
+    eps_fn = _clipping(config, eps_fn, state.common.alphas_cumprod)
 
   def body(i, carry):
     x, state = carry
