@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.siglip = ml_collections.ConfigDict()  # SiglipVisionConfig/SiglipTextConfig fields (siglip stage, random)
   c.model.visualizer = ml_collections.ConfigDict()  # visualizer stage: {"preset": "toy" | "sd15", **VisualizerConfig fields}
   c.model.visualizer_init = ""  # a diffusers Stable Diffusion folder or our converted one (UNet + VAE)
+  c.model.visualizer_from = ""  # vpit: a visualizer-stage workdir, named in the export for sampling only
   c.model.num_visual_tokens = 16  # m tokens per image
   c.model.vision_coef = 1.0       # forced to 0 in the connector stage
   c.model.dtype = "float32"       # compute dtype ("bfloat16" on accelerators)

@@ -189,12 +189,14 @@ def load_run(model: nnx.Module, workdir: str) -> None:
   tensors.load_module_params(model, tensors.read_safetensors_file(path), path)
 
 
-def export(model: nnx.Module, tokenizer, dst: str) -> None:
-  """Writes the trained model to ``dst`` (our format), with its tokenizer."""
+def export(model: nnx.Module, tokenizer, dst: str, visualizer: str = "") -> None:
+  """Writes the trained model to ``dst`` (our format), with its tokenizer; a MetaMorph
+  model's config.json names ``visualizer`` (``model.visualizer_from``) when given."""
   if isinstance(model, Siglip):
     siglip_convert.save_siglip(model, dst)
   else:
     kind = METAMORPH_KIND if isinstance(model, MetaMorph) else VISUALIZER_KIND
-    tensors.write_converted(dst, kind, model.config.to_dict(), model)
+    meta = {"visualizer": visualizer} if visualizer and kind == METAMORPH_KIND else {}
+    tensors.write_converted(dst, kind, model.config.to_dict(), model, **meta)
   if tokenizer is not None:
     tokenizer.save_pretrained(dst)

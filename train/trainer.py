@@ -285,7 +285,8 @@ def _export(s: Setup, state: TrainState, workdir: str) -> None:
     params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
   if jax.process_index() == 0:
     model = nnx.merge(s.graphdef, params, frozen)
-    model_init.export(model, s.spec.tokenizer, os.path.join(workdir, model_init.MODEL_DIR))
+    model_init.export(model, s.spec.tokenizer, os.path.join(workdir, model_init.MODEL_DIR),
+                      visualizer=s.config.model.visualizer_from)
 
 
 def _write_samples(s: Setup, state: TrainState, local: dict[str, np.ndarray], path: str) -> None:
