@@ -1,0 +1,143 @@
+"""The Python API: loading checkpoints (with and without a visualizer, plain LLMs), answers
+with images, image inputs, chat, seeds, and SmolLM2's greedy answer against transformers."""
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import metamorph
+from metamorph.api import MetaMorphModel
+from metamorph.convert import ConversionError
+from metamorph.convert.llama import save_llm
+from metamorph.data.world_tokenizer import build_world_tokenizer
+from metamorph.generate import PromptTooLong
+from tests import generate_fixtures as fx
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  return fx.toy_checkpoint(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="module")
+def mm(run):
+  return metamorph.load(run)
+
+
+def _picture(seed: int = 0) -> Image.Image:
+  pixels = np.random.default_rng(seed).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+  return Image.fromarray(pixels)
+
+
+def test_smollm2_greedy_generate_equals_transformers(smollm2, smollm2_hf):
+  llm, tokenizer, _ = smollm2
+  mm = MetaMorphModel(llm, tokenizer)
+  question = "Name three animals that live in the sea."
+  [out] = mm.generate([question], max_new_tokens=32)  # the buckets of test_smollm2's greedy test: no new compilation
+  prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         return_dict=True)["input_ids"]
+  with torch.no_grad():
+    ref = smollm2_hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
+  assert len(out.token_ids) >= 16
+  assert out.token_ids == ref[:len(out.token_ids)], (out.text, tokenizer.decode(ref))
+  assert out.text == tokenizer.decode(ref[:len(out.token_ids)], skip_special_tokens=True).strip()
+  assert out.visual_tokens == [] and out.images == []
+
+
+def test_load_workdir_finds_its_visualizer_and_draws(run, mm):
+  with open(os.path.join(run, "model", "config.json")) as f:
+    assert json.load(f)["visualizer"] == "vis"  # relative to the run
+  assert mm.is_metamorph and mm.visualizer is not None
+  out = mm.generate(["Generate an image of a red circle.", "Draw two."], max_new_tokens=20, max_images=1,
+                    render_steps=3, seed=0)
+  for g in out:
+    assert g.text == "<image>" and g.finish_reason == "stop"
+    assert len(g.visual_tokens) == 1 and g.visual_tokens[0].shape == (fx.M, fx.DV)
+    np.testing.assert_allclose(np.linalg.norm(g.visual_tokens[0], axis=-1), 1.0, atol=1e-5)
+    assert len(g.images) == 1 and g.images[0].size == (fx.IMAGE_SIZE, fx.IMAGE_SIZE) and g.images[0].mode == "RGB"
+  # the answer's images are the visualizer's rendering of its visual tokens
+  again = mm.render(np.stack([g.visual_tokens[0] for g in out]), steps=3, seed=0)
+  for g, image in zip(out, again):
+    np.testing.assert_array_equal(np.asarray(g.images[0]), np.asarray(image))
+  two = mm.generate(["Two images."], max_new_tokens=20, max_images=2, render_steps=3)[0]
+  assert two.text.split() == ["<image>", "<image>"] and len(two.images) == 2  # the world tokenizer spaces words
+
+
+def test_image_inputs_and_chat(mm):
+  picture = _picture()
+  tokens = mm.encode_image(picture)
+  assert tokens.shape == (fx.M, fx.DV)
+  by_image = mm.generate(["What colour is the shape?"], images=[[picture]], max_new_tokens=8, render_steps=3)
+  by_tokens = mm.generate(["What colour is the shape?"], images=[[tokens]], max_new_tokens=8, render_steps=3)
+  assert by_image[0].token_ids == by_tokens[0].token_ids
+  np.testing.assert_allclose(by_image[0].visual_tokens[0], by_tokens[0].visual_tokens[0], atol=1e-6)
+  # multi-turn: an image in, an earlier answer's image given back as its visual tokens
+  first = mm.chat([{"role": "user", "content": "Edit this.", "images": [picture]}], max_new_tokens=8,
+                  render_steps=3)
+  reply = mm.chat([{"role": "user", "content": "Edit this.", "images": [picture]},
+                   {"role": "assistant", "content": first.text, "images": first.visual_tokens},
+                   {"role": "user", "content": "Again."}], max_new_tokens=8, render_steps=3)
+  assert reply.text == "<image>" and len(reply.images) == 1
+  with pytest.raises(ValueError, match="placeholders"):
+    mm.chat([{"role": "user", "content": "<image> <image>", "images": [picture]}])
+  with pytest.raises(ValueError, match="end with a user"):
+    mm.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+
+
+def test_sampling_seeds_and_guidance(tmp_path):
+  tokenizer = build_world_tokenizer()
+  mm = MetaMorphModel(fx.tiny_metamorph(tokenizer, seed=3), tokenizer)
+  kwargs = {"max_new_tokens": 24, "temperature": 1.0, "top_p": 0.9}
+  prompts = ["Describe the picture.", "Hello there."]
+  a = mm.generate(prompts, seed=1, **kwargs)
+  b = mm.generate(prompts, seed=1, **kwargs)
+  c = mm.generate(prompts, seed=2, **kwargs)
+  assert [g.token_ids for g in a] == [g.token_ids for g in b]
+  assert [g.token_ids for g in a] != [g.token_ids for g in c]
+  guided = mm.generate(prompts, seed=1, guidance=2.0, **kwargs)  # the unconditional rows run too
+  assert [g.token_ids for g in guided] == [g.token_ids for g in a]  # text is unaffected by guidance
+
+
+def test_model_without_visualizer_returns_visual_tokens_only(tmp_path):
+  tokenizer = build_world_tokenizer()
+  model = fx.drawing_metamorph(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+  run = fx.write_workdir(str(tmp_path / "run"), model, tokenizer, visualizer_entry="missing/vis")
+  with pytest.warns(UserWarning, match="not found"):
+    mm = metamorph.load(run)
+  [out] = mm.generate(["Generate an image."], max_new_tokens=12, max_images=1)
+  assert out.text == "<image>" and len(out.visual_tokens) == 1 and out.images == []
+  with pytest.raises(ValueError, match="no visualizer"):
+    mm.render(out.visual_tokens)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    quiet = metamorph.load(fx.write_workdir(str(tmp_path / "plain"), model, tokenizer))
+  assert quiet.visualizer is None
+
+
+def test_text_only_llm_checkpoint_serves_text(tmp_path):
+  tokenizer = build_world_tokenizer()
+  model = fx.tiny_metamorph(tokenizer)
+  save_llm(model.llm, tokenizer, str(tmp_path / "llm"))
+  mm = metamorph.load(str(tmp_path / "llm"))
+  assert not mm.is_metamorph
+  [out] = mm.generate(["Hello."], max_new_tokens=6)
+  assert len(out.token_ids) >= 1 and isinstance(out.text, str) and out.images == []
+  with pytest.raises(ValueError, match="text-only"):
+    mm.generate(["What is it?"], images=[[_picture()]])
+  with pytest.raises(ValueError, match="no vision tower"):
+    mm.encode_image(_picture())
+
+
+def test_load_errors(tmp_path, run):
+  with pytest.raises(ConversionError, match="no such checkpoint"):
+    metamorph.load(str(tmp_path / "nowhere"))
+  with pytest.raises(ConversionError, match="visualizer"):
+    metamorph.load(os.path.join(run, "vis"))
+  mm = metamorph.load(run, visualizer=os.path.join(run, "vis"))
+  with pytest.raises(PromptTooLong):
+    mm.generate([" ".join(["red"] * fx.CONTEXT)])
