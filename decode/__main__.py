@@ -153,9 +153,8 @@ def run(args: argparse.Namespace) -> int:
         generations = mm.generate([r["prompt"] for r in batch], images=images[start:start + BATCH],
                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, guidance=args.guidance, seed=args.seed + start)
-      except PromptTooLong as e:
-        raise UsageError(f"prompt {batch[0]['id'] if len(batch) == 1 else 'in ' + repr([r['id'] for r in batch])}"
-                         f" is longer than the context: {e}") from e
+      except PromptTooLong as e:  # e.index counts the batch's prompts, then their unconditional twins
+        raise UsageError(f"prompt {batch[e.index % len(batch)]['id']!r} is longer than the context: {e}") from e
       for record, generation in zip(batch, generations):
         entry = save(record, generation, args.out)
         log.write(json.dumps(entry) + "\n")

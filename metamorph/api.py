@@ -224,18 +224,21 @@ class MetaMorphModel:
         out[i] = tokens
     return np.stack(out) if out else np.zeros((0, self.m, self.vision_dim), np.float32)
 
-  def _prompt(self, turns: list[tuple[str, str]], images: Sequence) -> tuple[Prompt, Prompt | None]:
-    """(prompt, unconditional prompt: every user turn's text dropped, its images kept)."""
+  def _prompt(self, turns: list[tuple[str, str]], images: Sequence,
+              uncond: bool) -> tuple[Prompt, Prompt | None]:
+    """(prompt, with ``uncond`` the unconditional prompt: every user turn's text dropped,
+    its images kept)."""
     if not self.is_metamorph:
       if images:
         raise ValueError("this model is a text-only LLM; it takes no images")
       return self._text_prompt(turns), None
     tokens = self._visual_tokens(images)
+    variants = [turns] + ([[(r, _images_only(c) if r == "user" else c) for r, c in turns]] if uncond else [])
     prompts = []
-    for t in (turns, [(r, _images_only(c) if r == "user" else c) for r, c in turns]):
+    for t in variants:
       f = format_conversation(t, self.tokenizer, self.layout, add_generation_prompt=True)
       prompts.append(Prompt(f.input_ids, f.visual_index, tokens))
-    return prompts[0], prompts[1]
+    return prompts[0], (prompts[1] if uncond else None)
 
   def _text_prompt(self, turns: list[tuple[str, str]]) -> Prompt:
     tok = self.tokenizer
@@ -262,8 +265,9 @@ class MetaMorphModel:
     """Answers of (turns, images) conversations, in one batch; the options are ``generate``'s."""
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, guidance=guidance, max_images=max_images)
-    pairs = [self._prompt(turns, images) for turns, images in conversations]
-    uncond = [u for _, u in pairs] if self.is_metamorph and sampling.uses_guidance else None
+    use_cfg = self.is_metamorph and sampling.uses_guidance
+    pairs = [self._prompt(turns, images, use_cfg) for turns, images in conversations]
+    uncond = [u for _, u in pairs] if use_cfg else None
     decoded = self.engine.generate([p for p, _ in pairs], max_new_tokens=max_new_tokens, sampling=sampling,
                                    seed=seed, uncond=uncond)
     produced = [t for d in decoded for t in d.visual_tokens]

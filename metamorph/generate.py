@@ -64,7 +64,11 @@ TRACES: collections.Counter = collections.Counter()
 
 
 class PromptTooLong(ValueError):
-  """A prompt leaves no room for a new token in the model's context."""
+  """A prompt leaves no room for a new token in the model's context; ``index``: which."""
+
+  def __init__(self, message: str, index: int = 0):
+    super().__init__(message)
+    self.index = index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +333,7 @@ class Engine:
       raise ValueError(f"prompt {i} is empty")
     if len(prompt) >= self.context:
       raise PromptTooLong(f"prompt {i} has {len(prompt)} tokens; the model's context is {self.context} "
-                          "(no room for a new token)")
+                          "(no room for a new token)", i)
     has_images = prompt.visual_index is not None and (np.asarray(prompt.visual_index) >= 0).any()
     if has_images and not self.visual:
       raise ValueError(f"prompt {i} has images but the model is a text-only LLM")
@@ -431,7 +435,7 @@ def _reference_choice(logits, seen, blocked, key, row, step, sampling) -> jax.Ar
 
 
 class _Sequence:
-  """One growing sequence of the reference loop (a fixed-size buffer, filled from the left)."""
+  """One growing sequence of the reference loop (a buffer filled from the left)."""
 
   def __init__(self, prompt: Prompt, size: int, m: int, dv: int, max_images: int):
     n = len(prompt)
@@ -456,8 +460,11 @@ class _Sequence:
     self.length += 1
 
   def predict(self, graphdef, state):
-    segments = (np.arange(self.ids.shape[1]) < self.length).astype(np.int32)[None]
-    return _full_forward(graphdef, state, self.ids, self.vidx, self.tokens, segments, self.length - 1)
+    """The full forward over the sequence so far (padded to a multiple of PROMPT_BUCKET)."""
+    size = _round_up(self.length, PROMPT_BUCKET)
+    segments = (np.arange(size) < self.length).astype(np.int32)[None]
+    return _full_forward(graphdef, state, self.ids[:, :size], self.vidx[:, :size], self.tokens, segments,
+                         self.length - 1)
 
 
 def reference_generate(model: MetaMorph | Llama, prompt: Prompt, *, max_new_tokens: int, eos_ids: Sequence[int],
