@@ -1,14 +1,16 @@
 """The shapes world on a CPU: ``--config configs/toy.py:STAGE`` with STAGE in
-siglip, visualizer, connector, vpit. Data: ``python -m metamorph.data.shapes --out runs/world``."""
+siglip, visualizer, connector, vpit (in that order; each later stage reads
+runs/demo/STAGE). Data: ``python -m metamorph.data.shapes --out runs/demo/world``.
+``python -m train.demo`` (``make demo``) runs all four from these settings."""
 from train.defaults import base_config
 
 
 def get_config(stage: str = "vpit"):
   c = base_config()
   c.stage = stage
-  c.data.data_dir = "runs/world/tfds"
+  c.data.data_dir = "runs/demo/world/tfds"
   c.data.name = "shapes_world"
-  c.data.tokenizer = "runs/world/tokenizer"
+  c.data.tokenizer = "runs/demo/world/tokenizer"
   c.data.image_size = 32
   c.data.seq_len = 192
   c.data.images_per_row = 6
@@ -48,6 +50,8 @@ def get_config(stage: str = "vpit"):
     c.train.steps = 2000
     c.train.sample_every = 500
     c.train.eval_every = 0
+  if stage in ("connector", "vpit"):
+    c.model.visualizer_from = "runs/demo/visualizer"  # for sampling from the exported model
   if stage == "vpit":
     c.init_from = "runs/demo/connector"
   return c

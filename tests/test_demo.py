@@ -1,0 +1,76 @@
+"""The demo's wiring (train.workflow) and grading (train.report), without training."""
+import json
+import os
+
+import pytest
+
+from train import report, workflow
+
+
+def _demo_config(workdir: str, preset: str = "quick"):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("demo_config", "configs/demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.workdir, c.preset = workdir, preset
+  return c
+
+
+def test_stage_configs_chain_the_stages(tmp_path):
+  c = _demo_config(str(tmp_path / "demo"))
+  root = c.workdir
+  siglip = workflow.stage_config(c, "siglip")
+  assert siglip.stage == "siglip" and siglip.model.siglip_init == ""
+  assert siglip.data.data_dir == os.path.join(root, "world", "tfds")
+  assert siglip.train.steps == c.presets.quick.siglip_steps
+  vis = workflow.stage_config(c, "visualizer")
+  assert vis.model.siglip_init == os.path.join(root, "siglip") and vis.train.sample_every == vis.train.steps
+  vpit = workflow.stage_config(c, "vpit", root="/mix", shared=root)
+  assert vpit.init_from == "/mix/connector"
+  assert vpit.data.tokenizer == "/mix/world/tokenizer"
+  assert vpit.model.siglip_init == os.path.join(root, "siglip")
+  assert vpit.model.visualizer_from == os.path.join(root, "visualizer")
+  assert vpit.train.checkpoint_every <= vpit.train.steps
+
+
+def test_unknown_preset_is_a_clear_error(tmp_path):
+  c = _demo_config(str(tmp_path), preset="quick")
+  c.preset = "fast"
+  with pytest.raises(ValueError, match="config.preset is 'fast'; use one of"):
+    workflow.preset(c)
+
+
+def test_finished_stage_is_skipped(tmp_path):
+  c = _demo_config(str(tmp_path))
+  os.makedirs(tmp_path / "siglip")
+  done = {"steps": c.presets.quick.siglip_steps, "seconds": 1.0, "last": {}}
+  (tmp_path / "siglip" / workflow.DONE_FILE).write_text(json.dumps(done))
+  assert workflow.train_stage(c, "siglip") == done  # would fail to train: there is no world
+
+
+def test_grades_are_exact():
+  targets = [{"color": "red", "shape": "circle", "size": "small", "position": "left"},
+             {"color": "blue", "shape": "square", "size": "large", "position": "top"}]
+  reads = [{"color": "red", "shape": "circle", "size": "large", "position": "left"}, {}]
+  g = report._grade(reads, targets)
+  assert g == {"color": 0.5, "shape": 0.5, "size": 0.0, "position": 0.5, "all_three": 0.5, "n": 2}
+  assert report._normalize(" In the Center. ") == "in the center"
+
+
+def test_report_files(tmp_path):
+  c = _demo_config(str(tmp_path))
+  grades = {"color": 1.0, "shape": 0.5, "size": 1.0, "position": 1.0, "all_three": 0.5, "n": 2,
+            "no_image": 0, "token_cosine": 0.9}
+  results = {"preset": "quick", "holdout": ["red:triangle"],
+             "understanding": {"accuracy": 0.75, "n": 4, "by_type": {"qa/color": {"accuracy": 0.75, "n": 4}},
+                               "examples": [{"question": "q", "answer": "a", "expected": "a"}]},
+             "text_to_image": {"seen": grades, "heldout": {**grades, "all_three": 0.0}, "gallery": None},
+             "editing": {"n": 0}, "loss_plot": None}
+  path = report.write(c, results, {"total": 12.0})
+  text = (tmp_path / "report.md").read_text()
+  assert path == str(tmp_path / "report.md")
+  assert "| seen | 100.0% | 50.0% | 100.0% | 100.0% | **50.0%** | 0 | 0.900 | 2 |" in text
+  assert "| qa/color | 75.0% | 4 |" in text
+  assert json.loads((tmp_path / "report.json").read_text())["seconds"] == {"total": 12.0}
+  assert "understanding 75.0% (n=4)" in report.summary(results)

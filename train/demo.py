@@ -1,0 +1,57 @@
+"""The main job (``make demo``): build the shapes world, train the four stages, grade.
+
+``python -m train.demo [--config configs/demo.py] [--config.preset=quick]``
+
+Each stage trains in its own workdir under ``config.workdir`` (``siglip``,
+``visualizer``, ``connector``, ``vpit``) and is resumable; finished stages and an
+up-to-date world are skipped on a rerun (``train.workflow``). The report
+(``report.md``, ``report.json``, PNGs) is written last, see ``train.report``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/demo.py", "demo config (configs/demo.py)", lock_config=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> int:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from train import report
+  from train.workflow import STAGES, build_world, preset, train_stage
+  config = FLAGS.config
+  start = time.perf_counter()
+  timings = {}
+  try:
+    t = time.perf_counter()
+    world = build_world(config)
+    timings["world"] = time.perf_counter() - t
+    for stage in STAGES:
+      timings[stage] = train_stage(config, stage)["seconds"]
+    t = time.perf_counter()
+    root = config.workdir
+    results = {"preset": config.preset,
+               **report.evaluate(os.path.join(root, "vpit"), os.path.join(root, "world"), world,
+                                 preset(config), root),
+               "loss_plot": report.plot_losses(root, STAGES, os.path.join(root, "losses.png"))}
+    timings["evaluation"] = time.perf_counter() - t
+  except (ValueError, RuntimeError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  timings["total"] = time.perf_counter() - start
+  path = report.write(config, results, timings)
+  print(report.summary(results))
+  print(f"report: {path}")
+  print("try: python -m decode --checkpoint " + os.path.join(config.workdir, "vpit")
+        + ' --prompt "Generate an image of a small green square on the left."')
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

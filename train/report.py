@@ -1,0 +1,245 @@
+"""Grading a trained MetaMorph on the shapes world, and the demo's report.
+
+* understanding: exact match of the answer to held-out (validation) questions about
+  images, by question type;
+* text-to-image: the oracle reads the generated image; colour, shape, position (and
+  size), and all three of colour/shape/position, on seen and held-out pairs; plus the
+  mean cosine between the generated visual tokens and the encoder's tokens of the
+  target drawn at its anchor;
+* editing: the oracle reads the edited image against the target.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+GRADED = ("color", "shape", "position")  # "all three"
+ATTRIBUTES = ("color", "shape", "size", "position")
+BATCH = 32
+MAX_NEW_TOKENS = 48
+
+
+def _normalize(text: str) -> str:
+  return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def _records(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _images(record: dict, world: str) -> list[Image.Image]:
+  names = record.get("image") or []
+  names = [names] if isinstance(names, str) else names
+  return [Image.open(os.path.join(world, "images", n)).convert("RGB") for n in names]
+
+
+def _batches(items: Sequence, desc: str):
+  for i in tqdm(range(0, len(items), BATCH), desc=desc, unit="batch", dynamic_ncols=True):
+    yield items[i:i + BATCH]
+
+
+def _single_turn(record: dict) -> bool:
+  turns = record["conversations"]
+  return len(turns) == 2 and turns[0]["from"] == "human" and turns[1]["from"] == "gpt"
+
+
+def understanding(mm, world: str, records: list[dict], limit: int) -> dict[str, Any]:
+  """Exact-match accuracy of text answers, overall and by question type."""
+  items = [r for r in records if _single_turn(r) and "<image>" not in r["conversations"][1]["value"]
+           and r.get("image")][:limit]
+  by_type: dict[str, list[bool]] = defaultdict(list)
+  examples = []
+  for chunk in _batches(items, "understanding"):
+    outs = mm.generate([r["conversations"][0]["value"] for r in chunk],
+                       images=[_images(r, world) for r in chunk], max_new_tokens=MAX_NEW_TOKENS)
+    for r, out in zip(chunk, outs):
+      want = r["conversations"][1]["value"]
+      ok = _normalize(out.text) == _normalize(want)
+      kind = r["task"] + ("/" + r["meta"]["questions"][0] if r.get("meta", {}).get("questions") else "")
+      by_type[kind].append(ok)
+      if len(examples) < 12:
+        examples.append({"question": r["conversations"][0]["value"], "answer": out.text, "expected": want})
+  total = [ok for oks in by_type.values() for ok in oks]
+  return {"accuracy": float(np.mean(total)) if total else None, "n": len(total),
+          "by_type": {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in sorted(by_type.items())},
+          "examples": examples}
+
+
+def _grade(reads: list[dict], targets: list[dict]) -> dict[str, Any]:
+  if not targets:
+    return {"n": 0}
+  out = {a: float(np.mean([r.get(a) == t[a] for r, t in zip(reads, targets)])) for a in ATTRIBUTES}
+  out["all_three"] = float(np.mean([all(r.get(a) == t[a] for a in GRADED) for r, t in zip(reads, targets)]))
+  out["n"] = len(targets)
+  return out
+
+
+def _anchor_image(target: dict) -> np.ndarray:
+  from metamorph.data import shapes
+  return shapes.render(shapes.Shape(**target), size=32)
+
+
+def text_to_image(mm, prompts: list[dict], out_dir: str, limit: int, **render) -> dict[str, Any]:
+  """Oracle grades of generated images for seen and held-out prompts."""
+  from metamorph.data import oracle
+  groups = {"seen": [p for p in prompts if not p["meta"]["heldout"]],
+            "heldout": [p for p in prompts if p["meta"]["heldout"]]}
+  if limit:
+    groups = {k: v[:limit] for k, v in groups.items()}
+  results, gallery = {}, []
+  for name, items in groups.items():
+    reads, targets, cosines, missing = [], [], [], 0
+    for chunk in _batches(items, f"text-to-image ({name})"):
+      outs = mm.generate([p["conversations"][0]["value"] for p in chunk], max_new_tokens=MAX_NEW_TOKENS,
+                         **render)
+      for p, out in zip(chunk, outs):
+        target = p["meta"]["targets"][0]
+        targets.append(target)
+        if not out.images:
+          reads.append({})
+          missing += 1
+          continue
+        reads.append(oracle.read_image(np.asarray(out.images[0])))
+        truth = mm.encode_image(_anchor_image(target))  # [m, Dv]
+        cosines.append(float(np.mean(np.sum(out.visual_tokens[0] * truth, axis=-1))))
+        if len(gallery) < 16 and (name == "heldout" or len(gallery) < 8):
+          gallery.append((p["conversations"][0]["value"], out.images[0], name))
+    results[name] = {**_grade(reads, targets), "no_image": missing,
+                     "token_cosine": float(np.mean(cosines)) if cosines else None}
+  results["gallery"] = _save_gallery(gallery, os.path.join(out_dir, "t2i_samples.png"))
+  return results
+
+
+def editing(mm, world: str, records: list[dict], limit: int, **render) -> dict[str, Any]:
+  from metamorph.data import oracle
+  items = [r for r in records if r["task"] == "edit" and _single_turn(r)][:limit]
+  reads, targets = [], []
+  for chunk in _batches(items, "editing"):
+    outs = mm.generate([r["conversations"][0]["value"] for r in chunk],
+                       images=[_images(r, world)[:1] for r in chunk], max_new_tokens=MAX_NEW_TOKENS, **render)
+    for r, out in zip(chunk, outs):
+      targets.append(r["meta"]["targets"][0])
+      reads.append(oracle.read_image(np.asarray(out.images[0])) if out.images else {})
+  return _grade(reads, targets)
+
+
+def _save_gallery(items: list[tuple[str, Image.Image, str]], path: str) -> str | None:
+  if not items:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cols = min(8, len(items))
+  rows = -(-len(items) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, (prompt, image, group) in zip(axes.flat, items):
+    ax.imshow(image, interpolation="nearest")
+    ax.set_title(("[held-out] " if group == "heldout" else "") + prompt, fontsize=6, wrap=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return os.path.basename(path)
+
+
+def plot_losses(root: str, stages: Sequence[str], path: str) -> str | None:
+  """One panel per stage: its logged loss against the step."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  curves = {}
+  for stage in stages:
+    file = os.path.join(root, stage, "metrics.jsonl")
+    if os.path.isfile(file):
+      rows = [r for r in _records(file) if "loss" in r]
+      curves[stage] = ([r["step"] for r in rows], [r["loss"] for r in rows])
+  if not curves:
+    return None
+  fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False)
+  for ax, (stage, (steps, losses)) in zip(axes[0], curves.items()):
+    ax.plot(steps, losses)
+    ax.set_title(stage)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("loss")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return os.path.basename(path)
+
+
+def evaluate(model_dir: str, world_dir: str, world_info: dict, p: ml_collections.ConfigDict,
+             out_dir: str) -> dict[str, Any]:
+  """Loads the MetaMorph checkpoint ``model_dir`` (with the visualizer it names) and grades it
+  on the world in ``world_dir`` with the preset ``p``'s sizes; PNGs go to ``out_dir``."""
+  import metamorph
+  mm = metamorph.load(model_dir)
+  render = {"render_steps": p.render_steps, "render_guidance": p.render_guidance}
+  validation = _records(os.path.join(world_dir, "validation.jsonl"))
+  prompts = _records(os.path.join(world_dir, world_info["files"]["eval_t2i"]))
+  return {
+    "holdout": world_info["args"]["holdout"],
+    "understanding": understanding(mm, world_dir, validation, p.eval_understanding),
+    "text_to_image": text_to_image(mm, prompts, out_dir, p.eval_t2i, **render),
+    "editing": editing(mm, world_dir, validation, p.eval_edit, **render),
+  }
+
+
+def _pct(x) -> str:
+  return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def summary(results: dict[str, Any]) -> str:
+  u, t = results["understanding"], results["text_to_image"]
+  return (f"understanding {_pct(u['accuracy'])} (n={u['n']}); text-to-image all three: "
+          f"seen {_pct(t['seen'].get('all_three'))} (n={t['seen']['n']}), "
+          f"held-out {_pct(t['heldout'].get('all_three'))} (n={t['heldout']['n']}); "
+          f"editing all three {_pct(results['editing'].get('all_three'))}")
+
+
+def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: dict[str, float]) -> str:
+  """``report.json`` and ``report.md`` in the demo's workdir; returns the markdown's path."""
+  root = config.workdir
+  with open(os.path.join(root, "report.json"), "w", encoding="utf-8") as f:
+    json.dump({**results, "seconds": timings}, f, indent=2)
+  u, t, e = results["understanding"], results["text_to_image"], results["editing"]
+  lines = [f"# MetaMorph on the shapes world ({results['preset']} preset)", "",
+           f"Held-out (colour, shape) pairs for generation: {', '.join(results['holdout']) or 'none'}.", "",
+           "## Understanding (exact match, validation images)", "",
+           f"Overall: **{_pct(u['accuracy'])}** of {u['n']}.", "", "| question type | accuracy | n |", "|---|---|---|"]
+  lines += [f"| {k} | {_pct(v['accuracy'])} | {v['n']} |" for k, v in u["by_type"].items()]
+  lines += ["", "## Text-to-image (oracle)", "",
+            "| prompts | colour | shape | size | position | all three (c, s, p) | no image | token cosine | n |",
+            "|---|---|---|---|---|---|---|---|---|"]
+  for name in ("seen", "heldout"):
+    g = t[name]
+    if g["n"]:
+      lines.append(f"| {name} | " + " | ".join(_pct(g[a]) for a in ATTRIBUTES)
+                   + f" | **{_pct(g['all_three'])}** | {g['no_image']} | "
+                   + (f"{g['token_cosine']:.3f}" if g["token_cosine"] is not None else "n/a") + f" | {g['n']} |")
+  lines += ["", "## Editing (oracle)", ""]
+  lines += [f"colour {_pct(e.get('color'))}, shape {_pct(e.get('shape'))}, size {_pct(e.get('size'))}, "
+            f"position {_pct(e.get('position'))}, all three {_pct(e.get('all_three'))} (n={e['n']})."
+            if e["n"] else "no editing records evaluated."]
+  if t.get("gallery"):
+    lines += ["", "## Samples", "", f"![text-to-image samples]({t['gallery']})"]
+  if results.get("loss_plot"):
+    lines += ["", "## Loss curves", "", f"![losses]({results['loss_plot']})"]
+  lines += ["", "## Time (seconds, this machine)", "", "| step | seconds |", "|---|---|"]
+  lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+  lines += ["", "## Example answers", ""]
+  lines += [f"- Q: `{x['question']}` A: `{x['answer']}` (expected `{x['expected']}`)" for x in u["examples"]]
+  path = os.path.join(root, "report.md")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  return path

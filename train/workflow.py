@@ -1,0 +1,108 @@
+"""The demo's building blocks: the shapes world and the four stages of configs/toy.py,
+each in its own resumable workdir (used by ``train.demo`` and ``train.experiments``).
+
+A stage that finished (``STAGE/done.json`` records its steps) is skipped on a rerun,
+as is a world whose ``world.json`` matches the config.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+
+import ml_collections
+
+STAGES = ("siglip", "visualizer", "connector", "vpit")  # in training order
+DONE_FILE = "done.json"
+
+
+def preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  if config.preset not in config.presets:
+    raise ValueError(f"config.preset is {config.preset!r}; use one of {sorted(config.presets)}")
+  return config.presets[config.preset]
+
+
+def _load_stage_config(path: str, stage: str) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location("_stage_config", path)
+  if spec is None or not os.path.isfile(path):
+    raise ValueError(f"config.stage_config: {path} is not a config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(stage)
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str, root: str | None = None,
+                 shared: str | None = None) -> ml_collections.ConfigDict:
+  """configs/toy.py's config for ``stage``, pointed at the world and earlier stages under
+  ``root`` (default ``config.workdir``); the siglip and visualizer stages under ``shared``
+  (default ``root``)."""
+  p = preset(config)
+  root = root or config.workdir
+  shared = shared or root
+  c = _load_stage_config(config.stage_config, stage)
+  c.seed = config.seed
+  c.data.data_dir = os.path.join(root, "world", "tfds")
+  c.data.tokenizer = os.path.join(root, "world", "tokenizer")
+  c.train.steps = p[f"{stage}_steps"]
+  c.train.checkpoint_every = max(1, min(c.train.checkpoint_every, c.train.steps))
+  c.train.log_every = max(1, min(c.train.log_every, c.train.steps))
+  c.train.eval_every = 0
+  if stage != "siglip":
+    c.model.siglip_init = os.path.join(shared, "siglip")
+  if stage == "visualizer":
+    c.train.sample_every = c.train.steps
+  if stage in ("connector", "vpit"):
+    c.model.visualizer_from = os.path.join(shared, "visualizer")
+  if stage == "vpit":
+    c.init_from = os.path.join(root, "connector")
+  return c
+
+
+def build_world(config: ml_collections.ConfigDict, root: str | None = None, tasks: str | None = None) -> dict:
+  """The shapes world under ``ROOT/world`` (default root ``config.workdir``, task mix
+  ``config.tasks``), unless one with the same settings is there."""
+  from metamorph.data import shapes, shapes_tasks
+  p, out = preset(config), os.path.join(root or config.workdir, "world")
+  tasks = config.tasks if tasks is None else tasks
+  holdout = shapes_tasks.normalize_holdout([s for s in config.holdout.split(",") if s.strip()])
+  want = {"n": p.world, "val_n": p.validation, "seed": config.seed, "image_size": 32,
+          "holdout": [f"{c}:{s}" for c, s in holdout], "tasks": shapes_tasks.resolve_mix(tasks or None)}
+  path = os.path.join(out, shapes.WORLD_FILE)
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      world = json.load(f)
+    if world.get("args") == want:
+      print(f"world: {out} is up to date ({p.world} records)")
+      return world
+    print(f"world: {out} was built with other settings; rebuilding")
+  print(f"world: building {p.world} + {p.validation} records in {out}")
+  return shapes.build_world(out, p.world, config.seed, holdout, 32, p.validation, tasks or None)
+
+
+def _done(workdir: str) -> dict | None:
+  path = os.path.join(workdir, DONE_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None = None,
+                shared: str | None = None) -> dict:
+  """Trains one stage in ``ROOT/STAGE`` (resuming, or skipping it when done); returns its
+  done record. ``root`` and ``shared`` as in ``stage_config``."""
+  from train.trainer import run
+  workdir = os.path.join(root or config.workdir, stage)
+  c = stage_config(config, stage, root, shared)
+  done = _done(workdir)
+  if done is not None and done.get("steps") == c.train.steps:
+    print(f"{stage}: done ({c.train.steps} steps in {done['seconds']:.0f}s), skipped")
+    return done
+  start = time.perf_counter()
+  last = run(c, workdir)
+  done = {"steps": c.train.steps, "seconds": time.perf_counter() - start,
+          "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
+  with open(os.path.join(workdir, DONE_FILE), "w", encoding="utf-8") as f:
+    json.dump(done, f, indent=2)
+  return done
