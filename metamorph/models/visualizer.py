@@ -283,21 +283,24 @@ class VisualizerConfig(ModelConfig):
   def toy(cls, image_size: int = 32, num_tokens: int = 16, token_dim: int = 96, **overrides) -> VisualizerConfig:
     """A small pixel-mode UNet for shapes worlds; trains on a 2-core CPU in minutes.
 
-    Three levels (32 -> 16 -> 8 at 32 px), one resnet per level, cross-attention at
-    the two lower resolutions and the middle, the DDPM (linear) schedule, which
-    ends at pure noise as pixel-space sampling needs.
+    Three levels (32 -> 16 -> 8 at 32 px), one resnet per level, cross-attention only at
+    the lowest level and the middle (cheap on a CPU), the DDPM (linear) schedule, which
+    ends at pure noise as pixel-space sampling needs, and v-prediction: at high noise the
+    UNet predicts the image itself, so colour, shape and position are learned from the
+    condition early (with epsilon-prediction the loss barely weights those timesteps).
     """
     blocks = overrides.pop("block_out_channels", (32, 64, 64))
     unet = dict(sample_size=image_size, in_channels=3, out_channels=3,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
                 block_out_channels=tuple(blocks), layers_per_block=1, attention_head_dim=4,
                 cross_attention_dim=128)
     unet.update(overrides.pop("unet", {}))
     values = dict(mode="pixel", image_size=image_size, num_tokens=num_tokens, token_dim=token_dim,
                   adapter="mlp", adapter_hidden=256, num_queries=num_tokens, resampler_heads=4, pad_to=0,
                   unet=unet, vae=None, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
-                  clip_sample=True, set_alpha_to_one=True, steps_offset=0, cond_drop_prob=0.1)
+                  prediction_type="v_prediction", clip_sample=True, set_alpha_to_one=True, steps_offset=0,
+                  cond_drop_prob=0.1)
     return cls(**{**values, **overrides})
 
   @classmethod
