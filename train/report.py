@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -97,6 +98,7 @@ def text_to_image(mm, prompts: list[dict], out_dir: str, limit: int, **render) -
     groups = {k: v[:limit] for k, v in groups.items()}
   results, gallery = {}, []
   for name, items in groups.items():
+    drawn = []
     reads, targets, cosines, missing = [], [], [], 0
     for chunk in _batches(items, f"text-to-image ({name})"):
       outs = mm.generate([p["conversations"][0]["value"] for p in chunk], max_new_tokens=MAX_NEW_TOKENS,
@@ -111,8 +113,8 @@ def text_to_image(mm, prompts: list[dict], out_dir: str, limit: int, **render) -
         reads.append(oracle.read_image(np.asarray(out.images[0])))
         truth = mm.encode_image(_anchor_image(target))  # [m, Dv]
         cosines.append(float(np.mean(np.sum(out.visual_tokens[0] * truth, axis=-1))))
-        if len(gallery) < 16 and (name == "heldout" or len(gallery) < 8):
-          gallery.append((p["conversations"][0]["value"], out.images[0], name))
+        drawn.append((p["conversations"][0]["value"], out.images[0], name))
+    gallery += [drawn[i] for i in np.linspace(0, len(drawn) - 1, min(8, len(drawn))).round().astype(int)] if drawn else []
     results[name] = {**_grade(reads, targets), "no_image": missing,
                      "token_cosine": float(np.mean(cosines)) if cosines else None}
   results["gallery"] = _save_gallery(gallery, os.path.join(out_dir, "t2i_samples.png"))
@@ -145,7 +147,8 @@ def _save_gallery(items: list[tuple[str, Image.Image, str]], path: str) -> str |
     ax.axis("off")
   for ax, (prompt, image, group) in zip(axes.flat, items):
     ax.imshow(image, interpolation="nearest")
-    ax.set_title(("[held-out] " if group == "heldout" else "") + prompt, fontsize=6, wrap=True)
+    title = ("[held-out] " if group == "heldout" else "") + prompt
+    ax.set_title("\n".join(textwrap.wrap(title, 28)), fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
