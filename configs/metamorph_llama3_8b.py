@@ -6,7 +6,7 @@ tokens, on 8 to 256 accelerators.
 
 The config argument is ``STAGE[,key=value...]``: STAGE in connector, vpit; keys
 ``devices`` (accelerators, default 8), ``tensor`` (tensor-parallel size, default 1) and
-``rows`` (rows per device in one micro-batch, default 1). They fix the mesh
+``rows`` (rows per batch shard, i.e. per data x fsdp slice, in one micro-batch, default 1). They fix the mesh
 (data 1 x fsdp -1 x tensor) and ``train.micro_batches = 1536 * tensor / (devices * rows)``,
 so the global batch stays 1536 rows of 4096 tokens whatever the device count, e.g.
 ``:vpit,devices=64`` -> 24 micro-batches of 64 rows. Any field can still be overridden with

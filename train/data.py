@@ -4,7 +4,8 @@ The records are split into ``data.virtual_shards`` shards (default: one per
 process), each packed into ``batch_size / virtual_shards`` rows per batch by
 its own pipeline; a process runs the pipelines of its shards and concatenates
 their rows. The global batch is thus the same for any number of processes that
-divides ``virtual_shards`` (a run can move from one host to two and back).
+divides ``virtual_shards``. The data-iterator state is saved per process, so a run
+resumes with the process count it was saved with (``set_state`` says so otherwise).
 ``global_batch`` assembles the global, sharded arrays.
 """
 from __future__ import annotations
