@@ -41,6 +41,8 @@ def run_mix(config, name: str, tasks: str, root: str, reference: dict) -> dict:
   results = report.evaluate(os.path.join(mix_root, "vpit"), os.path.join(root, "world"), reference,
                             workflow.preset(config), mix_root)
   results["tasks"] = world["args"]["tasks"]
+  with open(os.path.join(mix_root, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2)
   return results
 
 
@@ -48,6 +50,8 @@ def _row(name: str, label: str, r: dict) -> dict:
   t = r["text_to_image"]
   return {"mix": name, "label": label, "tasks": r["tasks"],
           "t2i_seen": t["seen"].get("all_three"), "t2i_heldout": t["heldout"].get("all_three"),
+          "cosine_seen": t["seen"].get("token_cosine"), "cosine_heldout": t["heldout"].get("token_cosine"),
+          "colour_heldout": t["heldout"].get("color"), "shape_heldout": t["heldout"].get("shape"),
           "understanding": r["understanding"]["accuracy"]}
 
 
@@ -61,11 +65,14 @@ def write(rows: list[dict], out_dir: str) -> str:
   with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(rows, f, indent=2)
   lines = ["# Data mix at toy scale", "",
-           "| mix | task weights | t2i all three, seen | t2i all three, held-out | understanding |",
-           "|---|---|---|---|---|"]
+           ("| mix | task weights | t2i all three, seen | t2i all three, held-out | token cosine, seen | "
+           "token cosine, held-out | held-out colour / shape | understanding |"),
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     weights = ", ".join(f"{k} {v:.2f}" for k, v in r["tasks"].items())
+    cos = [f"{r[k]:.3f}" if r[k] is not None else "n/a" for k in ("cosine_seen", "cosine_heldout")]
     lines.append(f"| {r['label']} | {weights} | {_pct(r['t2i_seen'])} | {_pct(r['t2i_heldout'])} | "
+                 f"{cos[0]} | {cos[1]} | {_pct(r['colour_heldout'])} / {_pct(r['shape_heldout'])} | "
                  f"{_pct(r['understanding'])} |")
   lines += ["", "![results](results.png)"]
   path = os.path.join(out_dir, "results.md")
