@@ -314,3 +314,18 @@ def test_visualizer_model_tokens_and_reconstruct(tiny):
   assert out.shape == (B, SIZE, SIZE, 3) and out.dtype == np.uint8
   with pytest.raises(ValueError, match="token_dim"):
     V.VisualizerModelConfig(vision=tiny_vision().replace(hidden_size=12), visualizer=tiny.config)
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_token_positions_tell_the_condition_which_token_is_which(positions):
+  """Without token positions the MLP adapter treats the tokens as an unordered set (a
+  permutation of the tokens permutes the condition exactly); with them it does not."""
+  v = V.Visualizer(tiny_config(token_positions=positions), rngs=nnx.Rngs(0))
+  tokens = jax.random.normal(jax.random.key(1), (2, M, DV))
+  perm = np.roll(np.arange(M), 1)
+  permuted, original = np.asarray(v.condition(tokens[:, perm])), np.asarray(v.condition(tokens))[:, perm]
+  if positions:
+    assert module_params(v)["token_positions"].shape == (M, DV)
+    assert np.abs(permuted - original).max() > 1e-3
+  else:
+    np.testing.assert_array_equal(permuted, original)

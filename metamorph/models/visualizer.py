@@ -126,6 +126,9 @@ class VisualizerConfig(ModelConfig):
     Linear(->cross_attention_dim), the reference) or "resampler" (``num_queries``
     learned queries cross-attend to the tokens in ``resampler_layers`` pre-LN layers).
   pad_to: condition length after zero-padding (77 in the reference); 0 = none.
+  token_positions: add a learned embedding per token index to the tokens before the
+    adapter, so cross-attention knows which grid cell each token pooled (the UNet's
+    keys are otherwise an unordered set); off in the reference.
   unet / vae: kwargs of diffusers' ``FlaxUNet2DConditionModel`` / ``FlaxAutoencoderKL``
     (without ``dtype``; missing keys take diffusers' defaults). NB diffusers'
     ``attention_head_dim`` is the number of heads.
@@ -147,6 +150,7 @@ class VisualizerConfig(ModelConfig):
   resampler_layers: int = 2
   resampler_heads: int = 8
   pad_to: int = 77
+  token_positions: bool = False
   unet: dict = dataclasses.field(default_factory=lambda: dict(SD15_UNET))
   vae: dict | None = dataclasses.field(default_factory=lambda: dict(SD15_VAE))
   vae_scaling_factor: float = 0.18215
@@ -288,6 +292,7 @@ class VisualizerConfig(ModelConfig):
     ends at pure noise as pixel-space sampling needs, and v-prediction: at high noise the
     UNet predicts the image itself, so colour, shape and position are learned from the
     condition early (with epsilon-prediction the loss barely weights those timesteps).
+    Token positions tell cross-attention which grid cell each visual token pooled.
     """
     blocks = overrides.pop("block_out_channels", (32, 64, 64))
     unet = dict(sample_size=image_size, in_channels=3, out_channels=3,
@@ -298,7 +303,7 @@ class VisualizerConfig(ModelConfig):
     unet.update(overrides.pop("unet", {}))
     values = dict(mode="pixel", image_size=image_size, num_tokens=num_tokens, token_dim=token_dim,
                   adapter="mlp", adapter_hidden=256, num_queries=num_tokens, resampler_heads=4, pad_to=0,
-                  unet=unet, vae=None, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                  token_positions=True, unet=unet, vae=None, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                   prediction_type="v_prediction", clip_sample=True, set_alpha_to_one=True, steps_offset=0,
                   cond_drop_prob=0.1)
     return cls(**{**values, **overrides})
@@ -524,6 +529,12 @@ class Visualizer(nnx.Module):
   def __init__(self, config: VisualizerConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.adapter = MlpAdapter(config, rngs=rngs) if config.adapter == "mlp" else Resampler(config, rngs=rngs)
+    if config.token_positions:
+      init = logical_init(nnx.initializers.normal(config.token_dim ** -0.5), "positions", "vis_embed")
+      self.token_positions = nnx.Param(init(rngs.params(), (config.num_tokens, config.token_dim),
+                                            jnp.dtype(config.param_dtype)))
+    else:
+      self.token_positions = None
     param_dtype = jnp.dtype(config.param_dtype)
     self.unet = _to_params(_init_weights(_unet_module(config), rngs.params()), param_dtype)
     if config.mode == "latent":
@@ -577,7 +588,10 @@ class Visualizer(nnx.Module):
     """Visual tokens [B, m, Dv] -> the UNet's condition [B, L, cross_dim] (adapter, then zero
     padding to ``pad_to``)."""
     self._check_tokens(tokens)
-    cond = self.adapter(tokens.astype(jnp.dtype(self.config.dtype)))
+    tokens = tokens.astype(jnp.dtype(self.config.dtype))
+    if self.token_positions is not None:
+      tokens = tokens + self.token_positions[...].astype(tokens.dtype)
+    cond = self.adapter(tokens)
     pad = self.config.padded_length - cond.shape[1]
     return jnp.pad(cond, ((0, 0), (0, pad), (0, 0))) if pad else cond
 
