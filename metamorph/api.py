@@ -47,7 +47,6 @@ from metamorph.models.metamorph import (
   MetaMorphConfig,
 )
 
-MODEL_DIR = "model"          # a training workdir's exported model (train.model_init.MODEL_DIR)
 METAMORPH_KIND, VISUALIZER_KIND, LLM_KIND = "metamorph", "visualizer", "llm"
 IM_END = "<|im_end|>"        # ChatML's end of turn, a stop token when the vocabulary has it
 ROLES = ("system", "user", "assistant")
@@ -63,16 +62,10 @@ class Generation:
   finish_reason: str               # "stop" | "length"
 
 
-def _model_folder(path: str) -> str:
-  """``path/model`` when ``path`` is a training workdir, else ``path``."""
-  candidate = os.path.join(path, MODEL_DIR)
-  return candidate if os.path.isdir(candidate) else path
-
-
 def load_visualizer(path: str):
   """The ``Visualizer`` of a visualizer-stage workdir or its exported folder."""
   from metamorph.models.visualizer import VisualizerModel, VisualizerModelConfig
-  folder = _model_folder(path)
+  folder = tensors.exported(path)
   if not tensors.is_converted(folder):
     raise ConversionError(f"{path}: not a visualizer checkpoint (a visualizer-stage workdir or its "
                           "exported 'model' folder)")
@@ -101,7 +94,7 @@ def load(path: str, visualizer: Any = None) -> MetaMorphModel:
   if not os.path.exists(source):
     raise ConversionError(f"{source}: no such checkpoint (a training workdir, a converted folder, "
                           "a transformers folder, a .gguf file, or 'smollm2')")
-  folder = _model_folder(source) if os.path.isdir(source) else source
+  folder = tensors.exported(source) if os.path.isdir(source) else source
   kind = tensors.read_json(os.path.join(folder, "config.json")).get("kind") if tensors.is_converted(folder) else None
   if kind == VISUALIZER_KIND:
     raise ConversionError(f"{source}: holds a visualizer; load the MetaMorph checkpoint and pass this "

@@ -20,7 +20,8 @@ from metamorph.models.llama import LlamaConfig
 from metamorph.models.metamorph import IMAGE_END, IMAGE_START, MetaMorph, MetaMorphConfig
 from metamorph.models.siglip import Siglip, SiglipConfig, SiglipTextConfig, SiglipVisionConfig
 
-MODEL_DIR = "model"   # WORKDIR/model: the exported model of a run
+MODEL_DIR = tensors.MODEL_DIR  # WORKDIR/model: the exported model of a run
+exported = tensors.exported
 METAMORPH_KIND = "metamorph"
 VISUALIZER_KIND = "visualizer"
 
@@ -33,12 +34,6 @@ class ModelSpec:
   new_token_ids: tuple[int, ...] = ()  # the image tokens and rows added for them
   llm_params: dict | None = None     # pretrained LLM weights (flat), resized later
   llm_vocab: int | None = None
-
-
-def exported(path: str) -> str:
-  """``path/model`` when ``path`` is a training workdir, else ``path``."""
-  candidate = os.path.join(path, MODEL_DIR)
-  return candidate if os.path.isdir(candidate) else path
 
 
 def _dtypes(config: ml_collections.ConfigDict) -> dict[str, str]:

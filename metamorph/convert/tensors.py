@@ -168,6 +168,13 @@ def build_module(factory, params: Mapping[str, np.ndarray], source: str) -> nnx.
 # ----------------------------------------------------------------------------- our folders
 
 FORMAT = "metamorph"  # config.json's "format" in folders we write
+MODEL_DIR = "model"   # a training workdir's exported model: WORKDIR/model
+
+
+def exported(path: str) -> str:
+  """``path/model`` when ``path`` is a training workdir, else ``path``."""
+  candidate = os.path.join(path, MODEL_DIR)
+  return candidate if os.path.isdir(candidate) else path
 
 
 def is_converted(folder: str) -> bool:
