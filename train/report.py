@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from metamorph.data.images import load_image
+
 GRADED = ("color", "shape", "position")  # "all three"
 ATTRIBUTES = ("color", "shape", "size", "position")
 BATCH = 32
@@ -40,7 +42,7 @@ def _records(path: str) -> list[dict]:
 def _images(record: dict, world: str) -> list[Image.Image]:
   names = record.get("image") or []
   names = [names] if isinstance(names, str) else names
-  return [Image.open(os.path.join(world, "images", n)).convert("RGB") for n in names]
+  return [load_image(os.path.join(world, "images", n), where=record["id"]) for n in names]
 
 
 def _batches(items: Sequence, desc: str):

@@ -13,6 +13,8 @@ import time
 
 import ml_collections
 
+from metamorph.convert.tensors import read_json
+
 STAGES = ("siglip", "visualizer", "connector", "vpit")  # in training order
 DONE_FILE = "done.json"
 
@@ -64,28 +66,25 @@ def build_world(config: ml_collections.ConfigDict, root: str | None = None, task
   ``config.tasks``), unless one with the same settings is there."""
   from metamorph.data import shapes, shapes_tasks
   p, out = preset(config), os.path.join(root or config.workdir, "world")
+  size = shapes.DEFAULT_SIZE
   tasks = config.tasks if tasks is None else tasks
   holdout = shapes_tasks.normalize_holdout([s for s in config.holdout.split(",") if s.strip()])
-  want = {"n": p.world, "val_n": p.validation, "seed": config.seed, "image_size": 32,
+  want = {"n": p.world, "val_n": p.validation, "seed": config.seed, "image_size": size,
           "holdout": [f"{c}:{s}" for c, s in holdout], "tasks": shapes_tasks.resolve_mix(tasks or None)}
   path = os.path.join(out, shapes.WORLD_FILE)
   if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      world = json.load(f)
+    world = read_json(path)
     if world.get("args") == want:
       print(f"world: {out} is up to date ({p.world} records)")
       return world
     print(f"world: {out} was built with other settings; rebuilding")
   print(f"world: building {p.world} + {p.validation} records in {out}")
-  return shapes.build_world(out, p.world, config.seed, holdout, 32, p.validation, tasks or None)
+  return shapes.build_world(out, p.world, config.seed, holdout, size, p.validation, tasks or None)
 
 
 def _done(workdir: str) -> dict | None:
   path = os.path.join(workdir, DONE_FILE)
-  if not os.path.isfile(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return read_json(path) if os.path.isfile(path) else None
 
 
 def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None = None,
