@@ -1,13 +1,15 @@
 """How well a trained visualizer reconstructs shapes-world images, graded by the oracle.
 
   python bench/visualizer.py --model runs/demo/visualizer [--n 200] [--steps 25]
-                             [--guidance 3.0] [--sampler ddim] [--holdout red:circle ...]
+                             [--guidance 1.0] [--sampler ddim] [--holdout red:circle ...]
 
 Renders ``--n`` fresh images (seed 12345, never in any training split): half of them
 with the held-out colour-shape pairs when ``--holdout`` is given. Each is encoded by
 the run's frozen SigLIP tower and drawn again by the visualizer (``reconstruct``);
 the oracle reads both. Prints the accuracy of colour, shape, position and all three
 (reconstruction vs the rendered truth) and the sampling time per image at the batch size.
+Guidance defaults to 1 (the plain conditional prediction): on the toy preset, guidance 3
+redraws colour and position worse (86% / 71% vs 99.5% / 99.5% on the demo's visualizer).
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def main() -> None:
   parser.add_argument("--n", type=int, default=200)
   parser.add_argument("--batch", type=int, default=50)
   parser.add_argument("--steps", type=int, default=25)
-  parser.add_argument("--guidance", type=float, default=3.0)
+  parser.add_argument("--guidance", type=float, default=1.0)
   parser.add_argument("--sampler", default="ddim")
   parser.add_argument("--holdout", nargs="*", default=["red:circle"], metavar="COLOR:SHAPE")
   args = parser.parse_args()

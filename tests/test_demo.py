@@ -47,6 +47,12 @@ def test_finished_stage_is_skipped(tmp_path):
   done = {"steps": c.presets.quick.siglip_steps, "seconds": 1.0, "last": {}}
   (tmp_path / "siglip" / workflow.DONE_FILE).write_text(json.dumps(done))
   assert workflow.train_stage(c, "siglip") == done  # would fail to train: there is no world
+  done["config"] = json.loads(workflow.stage_config(c, "siglip").to_json())
+  (tmp_path / "siglip" / workflow.DONE_FILE).write_text(json.dumps(done))
+  assert workflow.train_stage(c, "siglip") == done
+  c.seed = 7  # a finished stage with another config is an error, not a silent skip or a retrain
+  with pytest.raises(ValueError, match=r"finished with another config \(changed: seed\); delete"):
+    workflow.train_stage(c, "siglip")
 
 
 def test_grades_are_exact():

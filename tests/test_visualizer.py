@@ -17,10 +17,13 @@ B, M, DV, SIZE = 2, 4, 8, 16
 
 
 def tiny_config(**overrides) -> V.VisualizerConfig:
+  """The toy preset, small; without the spatial condition unless asked (the reference's path)."""
+  overrides.setdefault("spatial_channels", 0)
   unet = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=None, cross_attention_dim=32,
               attention_head_dim=2)
-  return V.VisualizerConfig.toy(image_size=SIZE, num_tokens=M, token_dim=DV, block_out_channels=(32, 32),
+  return V.VisualizerConfig.toy(image_size=SIZE, num_tokens=overrides.pop("num_tokens", M), token_dim=DV,
+                                block_out_channels=(32, 32),
                                 unet={**unet, **overrides.pop("unet", {})}, adapter_hidden=32, **overrides)
 
 
@@ -74,13 +77,16 @@ def test_config_json_round_trip_and_presets():
 @pytest.mark.parametrize("changes, message", [
     (dict(mode="voxel"), "mode must be one of"),
     (dict(pad_to=3), r"pad_to \(3\) must be 0"),
-    (dict(unet=dict(in_channels=4)), r"unet in_channels \(4\) must be 3 in pixel mode"),
+    (dict(unet=dict(in_channels=4)), r"unet in_channels \(4\) must be 3 \(3 in pixel mode\)"),
     (dict(unet=dict(sample_size=8)), r"unet sample_size \(8\) must be 16"),
     (dict(unet=dict(bogus=1)), "unknown unet keys"),
     (dict(unet=dict(block_out_channels=(32, 48))), "multiples of 32"),
     (dict(cond_drop_prob=1.5), "cond_drop_prob"),
     (dict(prediction_type="sample"), "prediction_type"),
     (dict(mode="latent"), "latent mode needs vae"),
+    (dict(spatial_channels=-1), "spatial_channels must be an int >= 0"),
+    (dict(spatial_channels=2, unet=dict(in_channels=3)), r"unet in_channels \(3\) must be 5 \(3 in pixel mode \+ spatial_channels 2\)"),
+    (dict(spatial_channels=2, num_tokens=3), r"needs num_tokens \(3\) to be a square grid"),
 ])
 def test_config_errors(changes, message):
   with pytest.raises(ValueError, match=message):
@@ -123,7 +129,7 @@ def test_resampler_adapter(tiny):
   graphdef, state = nnx.split(nnx.eval_shape(lambda: V.Visualizer(config, rngs=nnx.Rngs(0))))
   cond, adapted = jax.eval_shape(lambda s: (nnx.merge(graphdef, s).condition(unit_tokens(0)),
                                              nnx.merge(graphdef, s).adapter(unit_tokens(0))), state)
-  assert cond.shape == (B, 5, 32) and adapted.shape == (B, 3, 32)
+  assert cond.context.shape == (B, 5, 32) and cond.grid is None and adapted.shape == (B, 3, 32)
 
 
 def tiny_vision() -> SiglipVisionConfig:
@@ -166,22 +172,28 @@ def test_training_reduces_loss(tiny):
 def test_condition_is_zero_padded(tiny):
   padded = variant(tiny, pad_to=7)
   tokens = unit_tokens(1)
-  cond, plain = padded.condition(tokens), tiny.condition(tokens)
+  cond, plain = padded.condition(tokens).context, tiny.condition(tokens).context
   assert plain.shape == (B, M, 32) and cond.shape == (B, 7, 32)
   np.testing.assert_array_equal(cond[:, :M], plain)
   np.testing.assert_array_equal(cond[:, M:], 0.0)
-  np.testing.assert_array_equal(padded.unconditional(3), np.zeros((3, 7, 32)))
+  np.testing.assert_array_equal(padded.unconditional(3).context, np.zeros((3, 7, 32)))
 
 
-def test_condition_dropout_zeroes_whole_conditions(tiny):
+@pytest.mark.parametrize("spatial", [0, 5])
+def test_condition_dropout_zeroes_whole_conditions(tiny, spatial):
+  if spatial:
+    tiny = V.Visualizer(tiny_config(spatial_channels=spatial), rngs=nnx.Rngs(0))
   tokens = unit_tokens(2, b=64)
+  full = tiny.condition(tokens)
   never = variant(tiny, cond_drop_prob=0.0).training_condition(tokens, jax.random.key(0))
-  np.testing.assert_array_equal(never, tiny.condition(tokens))
+  jax.tree.map(np.testing.assert_array_equal, never, full)
   always = variant(tiny, cond_drop_prob=1.0)
-  np.testing.assert_array_equal(always.training_condition(tokens, jax.random.key(0)), 0.0)
+  jax.tree.map(lambda x: np.testing.assert_array_equal(x, 0.0), always.training_condition(tokens, jax.random.key(0)))
   some = variant(tiny, cond_drop_prob=0.5).training_condition(tokens, jax.random.key(0))
-  dropped = np.all(np.asarray(some) == 0.0, axis=(1, 2))
-  kept = np.all(np.asarray(some) == np.asarray(tiny.condition(tokens)), axis=(1, 2))
+  per_example = lambda f: np.all([np.all(f(a, b), axis=tuple(range(1, a.ndim)))
+                                  for a, b in zip(jax.tree.leaves(some), jax.tree.leaves(full))], axis=0)
+  dropped = per_example(lambda a, _: np.asarray(a) == 0.0)
+  kept = per_example(lambda a, b: np.asarray(a) == np.asarray(b))
   assert np.all(dropped ^ kept) and 10 < dropped.sum() < 54  # each condition whole: dropped or kept
   # in the loss path: with p = 1 the loss does not see the tokens
   graphdef, state = nnx.split(always)
@@ -292,7 +304,7 @@ def test_latent_mode_with_a_tiny_vae():
 
   latents = jax.eval_shape(lambda: visualizer.encode(imgs, jax.random.key(0)))
   assert latents.shape == (B, 4, SIZE // 2, SIZE // 2)
-  assert visualizer.condition(tokens).shape == (B, 6, 32)
+  assert visualizer.condition(tokens).context.shape == (B, 6, 32)
   for sampler in V.SAMPLERS:
     out = jax.eval_shape(lambda s=sampler: visualizer.sample(tokens, guidance=2.0, steps=2, rng=jax.random.key(0),
                                                              sampler=s))
@@ -316,6 +328,29 @@ def test_visualizer_model_tokens_and_reconstruct(tiny):
     V.VisualizerModelConfig(vision=tiny_vision().replace(hidden_size=12), visualizer=tiny.config)
 
 
+def test_spatial_condition_lays_each_token_over_the_pixels_it_pooled():
+  """With spatial_channels the UNet's input is [x, grid]: token i (row i // k, column i % k of
+  the k x k grid), projected, repeated over its (S/k)^2 block of pixels. ``predict`` equals
+  diffusers' UNet on that input built by hand."""
+  from diffusers import FlaxUNet2DConditionModel
+  cs, k = 5, 2
+  v = V.Visualizer(tiny_config(spatial_channels=cs), rngs=nnx.Rngs(0))
+  assert v.config.unet["in_channels"] == 3 + cs
+  tokens = unit_tokens(0)
+  cond = v.condition(tokens)
+  p = module_params(v)
+  grid = np.asarray(tokens @ p["spatial/kernel"] + p["spatial/bias"]).reshape(B, k, k, cs)
+  np.testing.assert_allclose(cond.grid, grid, atol=1e-6, rtol=0)
+  x = jax.random.normal(jax.random.key(1), (B, 3, SIZE, SIZE))
+  by_hand = np.kron(grid.transpose(0, 3, 1, 2), np.ones((1, 1, SIZE // k, SIZE // k), np.float32))
+  unet = FlaxUNet2DConditionModel(**v.config.unet)
+  t = jnp.full((B,), 300)
+  want = unet.apply({"params": v.unet_params()}, jnp.concatenate([x, by_hand], axis=1), t, cond.context).sample
+  np.testing.assert_allclose(v.predict(x, t, cond), want, atol=1e-5, rtol=0)
+  uncond = v.unconditional(3)
+  assert uncond.grid.shape == (3, k, k, cs) and not np.any(uncond.grid)
+
+
 @pytest.mark.parametrize("positions", [False, True])
 def test_token_positions_tell_the_condition_which_token_is_which(positions):
   """Without token positions the MLP adapter treats the tokens as an unordered set (a
@@ -323,7 +358,7 @@ def test_token_positions_tell_the_condition_which_token_is_which(positions):
   v = V.Visualizer(tiny_config(token_positions=positions), rngs=nnx.Rngs(0))
   tokens = jax.random.normal(jax.random.key(1), (2, M, DV))
   perm = np.roll(np.arange(M), 1)
-  permuted, original = np.asarray(v.condition(tokens[:, perm])), np.asarray(v.condition(tokens))[:, perm]
+  permuted, original = np.asarray(v.condition(tokens[:, perm]).context), np.asarray(v.condition(tokens).context)[:, perm]
   if positions:
     assert module_params(v)["token_positions"].shape == (M, DV)
     assert np.abs(permuted - original).max() > 1e-3

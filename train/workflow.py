@@ -1,8 +1,9 @@
 """The demo's building blocks: the shapes world and the four stages of configs/toy.py,
 each in its own resumable workdir (used by ``train.demo`` and ``train.experiments``).
 
-A stage that finished (``STAGE/done.json`` records its steps) is skipped on a rerun,
-as is a world whose ``world.json`` matches the config.
+A stage that finished (``STAGE/done.json`` records its steps and config) is skipped on
+a rerun with the same config; with another config it is an error naming the fields that
+changed (nothing is deleted). A world whose ``world.json`` matches the config is reused.
 """
 from __future__ import annotations
 
@@ -87,6 +88,22 @@ def _done(workdir: str) -> dict | None:
   return read_json(path) if os.path.isfile(path) else None
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+  """The dotted config fields whose values differ between two JSON config dicts."""
+  a, b = _flat(old), _flat(new)
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None = None,
                 shared: str | None = None) -> dict:
   """Trains one stage in ``ROOT/STAGE`` (resuming, or skipping it when done); returns its
@@ -94,13 +111,19 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None 
   from train.trainer import run
   workdir = os.path.join(root or config.workdir, stage)
   c = stage_config(config, stage, root, shared)
+  wanted = json.loads(c.to_json())
   done = _done(workdir)
-  if done is not None and done.get("steps") == c.train.steps:
-    print(f"{stage}: done ({c.train.steps} steps in {done['seconds']:.0f}s), skipped")
-    return done
+  if done is not None:
+    changed = _changed(done.get("config", wanted), wanted)
+    if changed:
+      raise ValueError(f"{workdir} finished with another config (changed: {', '.join(changed[:8])}); "
+                       f"delete {workdir} (and the later stages) to retrain, or use another config.workdir")
+    if done.get("steps") == c.train.steps:
+      print(f"{stage}: done ({c.train.steps} steps in {done['seconds']:.0f}s), skipped")
+      return done
   start = time.perf_counter()
   last = run(c, workdir)
-  done = {"steps": c.train.steps, "seconds": time.perf_counter() - start,
+  done = {"steps": c.train.steps, "seconds": time.perf_counter() - start, "config": wanted,
           "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
   with open(os.path.join(workdir, DONE_FILE), "w", encoding="utf-8") as f:
     json.dump(done, f, indent=2)
