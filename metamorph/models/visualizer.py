@@ -198,7 +198,7 @@ class VisualizerConfig(ModelConfig):
     if not isinstance(self.spatial_channels, (int, np.integer)) or self.spatial_channels < 0:
       bad(f"spatial_channels must be an int >= 0, got {self.spatial_channels!r}")
     if self.spatial_channels:
-      side = math.isqrt(self.num_tokens)
+      side = self.grid_side
       if side * side != self.num_tokens or self.sample_size % side:
         bad(f"spatial_channels needs num_tokens ({self.num_tokens}) to be a square grid whose "
             f"side divides the UNet's input side ({self.sample_size})")
@@ -286,6 +286,11 @@ class VisualizerConfig(ModelConfig):
   def sample_size(self) -> int:
     """Side of what the UNet denoises."""
     return self.image_size // self.vae_factor
+
+  @property
+  def grid_side(self) -> int:
+    """k: the side of the tokens' square grid (m = k^2; checked when ``spatial_channels``)."""
+    return math.isqrt(self.num_tokens)
 
   @property
   def cross_attention_dim(self) -> int:
@@ -634,8 +639,7 @@ class Visualizer(nnx.Module):
     tokens = tokens.astype(jnp.dtype(c.dtype))
     grid = None
     if self.spatial is not None:
-      k = math.isqrt(c.num_tokens)
-      grid = self.spatial(tokens).reshape(tokens.shape[0], k, k, c.spatial_channels)
+      grid = self.spatial(tokens).reshape(tokens.shape[0], c.grid_side, c.grid_side, c.spatial_channels)
     if self.token_positions is not None:
       tokens = tokens + self.token_positions[...].astype(tokens.dtype)
     context = self.adapter(tokens)
@@ -652,8 +656,7 @@ class Visualizer(nnx.Module):
   def unconditional(self, batch: int) -> Condition:
     """The unconditional (all-zero) condition of ``batch`` examples."""
     c, dtype = self.config, jnp.dtype(self.config.dtype)
-    k = math.isqrt(c.num_tokens)
-    grid = jnp.zeros((batch, k, k, c.spatial_channels), dtype) if c.spatial_channels else None
+    grid = jnp.zeros((batch, c.grid_side, c.grid_side, c.spatial_channels), dtype) if c.spatial_channels else None
     return Condition(jnp.zeros((batch, c.padded_length, c.cross_attention_dim), dtype), grid)
 
   def predict(self, x: jax.Array, timesteps: jax.Array, cond: Condition, *, train: bool = False,
