@@ -13,6 +13,7 @@ import os
 import time
 
 import ml_collections
+from flax.traverse_util import flatten_dict
 
 from metamorph.convert.tensors import read_json
 
@@ -88,19 +89,9 @@ def _done(workdir: str) -> dict | None:
   return read_json(path) if os.path.isfile(path) else None
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def _changed(old: dict, new: dict) -> list[str]:
   """The dotted config fields whose values differ between two JSON config dicts."""
-  a, b = _flat(old), _flat(new)
+  a, b = flatten_dict(old, sep="."), flatten_dict(new, sep=".")
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
