@@ -8,8 +8,8 @@ with the held-out colour-shape pairs when ``--holdout`` is given. Each is encode
 the run's frozen SigLIP tower and drawn again by the visualizer (``reconstruct``);
 the oracle reads both. Prints the accuracy of colour, shape, position and all three
 (reconstruction vs the rendered truth) and the sampling time per image at the batch size.
-Guidance defaults to 1 (the plain conditional prediction): on the toy preset, guidance 3
-redraws colour and position worse (86% / 71% vs 99.5% / 99.5% on the demo's visualizer).
+Guidance defaults to 1 (the plain conditional prediction): guidance 3 redraws these
+reconstructions worse on the toy preset (docs/findings.md, section 3).
 """
 from __future__ import annotations
 

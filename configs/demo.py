@@ -23,7 +23,7 @@ def get_config():
   c.presets = ml_collections.ConfigDict()
   c.presets.full = _preset(world=20000, validation=1000, siglip_steps=600, visualizer_steps=450,
                            connector_steps=150, vpit_steps=800, eval_understanding=300, eval_edit=60,
-                           eval_t2i=0, render_steps=25, render_guidance=1.0)
+                           eval_t2i=0, render_steps=10, render_guidance=1.0)
   c.presets.quick = _preset(world=600, validation=100, siglip_steps=10, visualizer_steps=10,
                             connector_steps=5, vpit_steps=10, eval_understanding=16, eval_edit=4,
                             eval_t2i=16, render_steps=5, render_guidance=3.0)

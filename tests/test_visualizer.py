@@ -17,8 +17,8 @@ B, M, DV, SIZE = 2, 4, 8, 16
 
 
 def tiny_config(**overrides) -> V.VisualizerConfig:
-  """The toy preset, small; without the spatial condition unless asked (the reference's path)."""
-  overrides.setdefault("spatial_channels", 0)
+  """The toy preset, small; without the draft decoder unless asked (the reference's path)."""
+  overrides.setdefault("draft_width", 0)
   unet = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=None, cross_attention_dim=32,
               attention_head_dim=2)
@@ -84,9 +84,11 @@ def test_config_json_round_trip_and_presets():
     (dict(cond_drop_prob=1.5), "cond_drop_prob"),
     (dict(prediction_type="sample"), "prediction_type"),
     (dict(mode="latent"), "latent mode needs vae"),
-    (dict(spatial_channels=-1), "spatial_channels must be an int >= 0"),
-    (dict(spatial_channels=2, unet=dict(in_channels=3)), r"unet in_channels \(3\) must be 5 \(3 in pixel mode \+ spatial_channels 2\)"),
-    (dict(spatial_channels=2, num_tokens=3), r"needs num_tokens \(3\) to be a square grid"),
+    (dict(draft_width=-2), "draft_width must be an even int >= 0"),
+    (dict(draft_width=3), "draft_width must be an even int >= 0"),
+    (dict(draft_width=4, draft_weight=-1.0), "draft_weight must be >= 0"),
+    (dict(draft_width=4, unet=dict(in_channels=3)), r"unet in_channels \(3\) must be 6 \(twice 3 in pixel mode: the noisy sample and the draft\)"),
+    (dict(draft_width=4, num_tokens=3), r"needs num_tokens \(3\) to be a square grid"),
 ])
 def test_config_errors(changes, message):
   with pytest.raises(ValueError, match=message):
@@ -129,7 +131,7 @@ def test_resampler_adapter(tiny):
   graphdef, state = nnx.split(nnx.eval_shape(lambda: V.Visualizer(config, rngs=nnx.Rngs(0))))
   cond, adapted = jax.eval_shape(lambda s: (nnx.merge(graphdef, s).condition(unit_tokens(0)),
                                              nnx.merge(graphdef, s).adapter(unit_tokens(0))), state)
-  assert cond.context.shape == (B, 5, 32) and cond.grid is None and adapted.shape == (B, 3, 32)
+  assert cond.context.shape == (B, 5, 32) and cond.draft is None and adapted.shape == (B, 3, 32)
 
 
 def tiny_vision() -> SiglipVisionConfig:
@@ -179,10 +181,10 @@ def test_condition_is_zero_padded(tiny):
   np.testing.assert_array_equal(padded.unconditional(3).context, np.zeros((3, 7, 32)))
 
 
-@pytest.mark.parametrize("spatial", [0, 5])
-def test_condition_dropout_zeroes_whole_conditions(tiny, spatial):
-  if spatial:
-    tiny = V.Visualizer(tiny_config(spatial_channels=spatial), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("draft", [0, 4])
+def test_condition_dropout_zeroes_whole_conditions(tiny, draft):
+  if draft:
+    tiny = V.Visualizer(tiny_config(draft_width=draft), rngs=nnx.Rngs(0))
   tokens = unit_tokens(2, b=64)
   full = tiny.condition(tokens)
   never = variant(tiny, cond_drop_prob=0.0).training_condition(tokens, jax.random.key(0))
@@ -195,10 +197,10 @@ def test_condition_dropout_zeroes_whole_conditions(tiny, spatial):
   dropped = per_example(lambda a, _: np.asarray(a) == 0.0)
   kept = per_example(lambda a, b: np.asarray(a) == np.asarray(b))
   assert np.all(dropped ^ kept) and 10 < dropped.sum() < 54  # each condition whole: dropped or kept
-  # in the loss path: with p = 1 the loss does not see the tokens
+  # in the loss path: with p = 1 the diffusion loss does not see the tokens
   graphdef, state = nnx.split(always)
   imgs, rng = images(1), jax.random.key(3)
-  loss = jax.jit(lambda s, t: nnx.merge(graphdef, s).loss(imgs, t, rng)[0])
+  loss = jax.jit(lambda s, t: nnx.merge(graphdef, s).loss(imgs, t, rng)[1]["loss_diffusion"])
   assert float(loss(state, unit_tokens(4))) == float(loss(state, unit_tokens(5)))
 
 
@@ -328,27 +330,55 @@ def test_visualizer_model_tokens_and_reconstruct(tiny):
     V.VisualizerModelConfig(vision=tiny_vision().replace(hidden_size=12), visualizer=tiny.config)
 
 
-def test_spatial_condition_lays_each_token_over_the_pixels_it_pooled():
-  """With spatial_channels the UNet's input is [x, grid]: token i (row i // k, column i % k of
-  the k x k grid), projected, repeated over its (S/k)^2 block of pixels. ``predict`` equals
-  diffusers' UNet on that input built by hand."""
+def test_draft_decoder_unfolds_each_token_over_its_cell_and_feeds_the_unet():
+  """The draft: token i's fc2 output, unfolded to an r x r x F block, lands at row i // k,
+  column i % k of the k x k grid; three 3x3 'SAME' convs follow. ``predict`` equals diffusers'
+  UNet on [x, draft] (channels concatenated); the unconditional draft is zeros."""
   from diffusers import FlaxUNet2DConditionModel
-  cs, k = 5, 2
-  v = V.Visualizer(tiny_config(spatial_channels=cs), rngs=nnx.Rngs(0))
-  assert v.config.unet["in_channels"] == 3 + cs
+  w, k = 4, 2
+  r, f = SIZE // k, w // 2
+  v = V.Visualizer(tiny_config(draft_width=w), rngs=nnx.Rngs(0))
+  assert v.config.unet["in_channels"] == 6
   tokens = unit_tokens(0)
+  p = {n: np.asarray(a, np.float64) for n, a in module_params(v).items()}
+  cells = jax.nn.gelu(tokens @ p["draft/fc1/kernel"] + p["draft/fc1/bias"]) @ p["draft/fc2/kernel"] + p["draft/fc2/bias"]
+  x = np.zeros((B, SIZE, SIZE, f))
+  for i in range(M):
+    x[:, (i // k) * r:(i // k + 1) * r, (i % k) * r:(i % k + 1) * r] = np.asarray(cells[:, i]).reshape(B, r, r, f)
+  for n in (1, 2, 3):
+    x = jax.lax.conv_general_dilated(x, p[f"draft/conv{n}/kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + p[f"draft/conv{n}/bias"]
+    x = jax.nn.gelu(x) if n < 3 else x
   cond = v.condition(tokens)
-  p = module_params(v)
-  grid = np.asarray(tokens @ p["spatial/kernel"] + p["spatial/bias"]).reshape(B, k, k, cs)
-  np.testing.assert_allclose(cond.grid, grid, atol=1e-6, rtol=0)
-  x = jax.random.normal(jax.random.key(1), (B, 3, SIZE, SIZE))
-  by_hand = np.kron(grid.transpose(0, 3, 1, 2), np.ones((1, 1, SIZE // k, SIZE // k), np.float32))
+  np.testing.assert_allclose(cond.draft, np.transpose(x, (0, 3, 1, 2)), atol=1e-5, rtol=0)
+  noisy = jax.random.normal(jax.random.key(1), (B, 3, SIZE, SIZE))
   unet = FlaxUNet2DConditionModel(**v.config.unet)
   t = jnp.full((B,), 300)
-  want = unet.apply({"params": v.unet_params()}, jnp.concatenate([x, by_hand], axis=1), t, cond.context).sample
-  np.testing.assert_allclose(v.predict(x, t, cond), want, atol=1e-5, rtol=0)
+  want = unet.apply({"params": v.unet_params()}, jnp.concatenate([noisy, cond.draft], axis=1), t, cond.context).sample
+  np.testing.assert_allclose(v.predict(noisy, t, cond), want, atol=1e-5, rtol=0)
   uncond = v.unconditional(3)
-  assert uncond.grid.shape == (3, k, k, cs) and not np.any(uncond.grid)
+  assert uncond.draft.shape == (3, 3, SIZE, SIZE) and not np.any(uncond.draft)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_only_the_draft_loss_trains_the_draft(weight):
+  """The UNet sees the draft with its gradient stopped: with ``draft_weight`` 0 the draft
+  decoder gets exactly zero gradient; with 1 it gets the gradient of its own MSE, which is
+  reported as ``loss_draft``."""
+  v = V.Visualizer(tiny_config(draft_width=4, draft_weight=weight), rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(v, nnx.Param, ...)
+  imgs, tokens, rng = images(1), unit_tokens(2), jax.random.key(3)
+  (loss, aux), grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p, rest).loss(imgs, tokens, rng),
+                                          has_aux=True)(params)
+  draft_grads = [np.abs(g).max() for g in jax.tree.leaves(grads["draft"])]
+  draft = v.condition(tokens).draft
+  target = jnp.transpose(imgs, (0, 3, 1, 2))
+  np.testing.assert_allclose(aux["loss_draft"], np.mean(np.square(draft - target)), rtol=1e-5)
+  np.testing.assert_allclose(loss, aux["loss_diffusion"] + weight * aux["loss_draft"], rtol=1e-6)
+  if weight:
+    assert min(draft_grads) > 0
+  else:
+    assert max(draft_grads) == 0.0
 
 
 @pytest.mark.parametrize("positions", [False, True])

@@ -325,6 +325,6 @@ def _log(writer, bar, step: int, out: dict, window: dict, peak, dropped) -> dict
   values.update({f"dropped_{r}": int(n) for r, n in zip(PIPELINE_REASONS, dropped) if n})
   writer.write(step, values)
   bar.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "loss_text", "loss_vision", "loss_siglip",
-                                                     "loss_diffusion", "tokens_per_s") if k in values})
+                                                     "loss_diffusion", "loss_draft", "tokens_per_s") if k in values})
   window.update(tokens=0, images=0, flops=0.0, time=time.perf_counter())
   return values

@@ -9,8 +9,9 @@ worlds) or SD-1.5 VAE latents x ``vae_scaling_factor`` ("latent" mode, 512^2).
 Classifier-free guidance: training replaces a whole condition by zeros with
 probability ``cond_drop_prob``; sampling mixes the conditional and the zero
 (unconditional) prediction, ``eps_u + g (eps_c - eps_u)``. Optionally (the toy
-preset; not in the reference) the tokens also condition by concatenation: each
-token, projected, covers the pixels it pooled (``spatial_channels``, ``Condition``).
+preset; not in the reference) a small deterministic decoder first regresses a draft
+of the sample from the tokens, and the UNet denoises conditioned on it too, by
+concatenation (``draft_width``, ``DraftDecoder``, ``Condition``).
 
 All use of diffusers stays in this module. The UNet / VAE parameters live in
 the NNX module as ``nnx.Param`` leaves of nested ``nnx.Dict``s whose structure
@@ -131,12 +132,12 @@ class VisualizerConfig(ModelConfig):
   token_positions: add a learned embedding per token index to the tokens before the
     adapter, so cross-attention knows which grid cell each token pooled (the UNet's
     keys are otherwise an unordered set); off in the reference.
-  spatial_channels: also condition by concatenation (0 = off, the reference): each token
-    -> Linear(Dv -> spatial_channels), laid out on its sqrt(m) x sqrt(m) grid, repeated up
-    to the UNet's input side and concatenated to the noisy sample (so the UNet's
-    ``in_channels`` is ``channels + spatial_channels``). A token then conditions the pixels
-    it pooled directly, which a small UNet's cross-attention learns only slowly (its
-    queries carry little absolute position).
+  draft_width: width of the draft decoder (0 = none, the reference). ``DraftDecoder``
+    regresses the clean sample from the tokens (MSE, weight ``draft_weight``); the UNet
+    gets the draft (gradient stopped) concatenated to its noisy input, so its
+    ``in_channels`` is ``2 * channels``. It turns the slow part of learning a small
+    visualizer, decoding shape from the tokens, into a cheap regression; the UNet
+    then learns to refine a draft, which is fast.
   unet / vae: kwargs of diffusers' ``FlaxUNet2DConditionModel`` / ``FlaxAutoencoderKL``
     (without ``dtype``; missing keys take diffusers' defaults). NB diffusers'
     ``attention_head_dim`` is the number of heads.
@@ -159,7 +160,8 @@ class VisualizerConfig(ModelConfig):
   resampler_heads: int = 8
   pad_to: int = 77
   token_positions: bool = False
-  spatial_channels: int = 0
+  draft_width: int = 0
+  draft_weight: float = 1.0
   unet: dict = dataclasses.field(default_factory=lambda: dict(SD15_UNET))
   vae: dict | None = dataclasses.field(default_factory=lambda: dict(SD15_VAE))
   vae_scaling_factor: float = 0.18215
@@ -195,12 +197,14 @@ class VisualizerConfig(ModelConfig):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
         bad(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(self.spatial_channels, (int, np.integer)) or self.spatial_channels < 0:
-      bad(f"spatial_channels must be an int >= 0, got {self.spatial_channels!r}")
-    if self.spatial_channels:
+    if not isinstance(self.draft_width, (int, np.integer)) or self.draft_width < 0 or self.draft_width % 2:
+      bad(f"draft_width must be an even int >= 0, got {self.draft_width!r}")
+    if self.draft_weight < 0:
+      bad(f"draft_weight must be >= 0, got {self.draft_weight}")
+    if self.draft_width:
       side = self.grid_side
       if side * side != self.num_tokens or self.sample_size % side:
-        bad(f"spatial_channels needs num_tokens ({self.num_tokens}) to be a square grid whose "
+        bad(f"draft_width needs num_tokens ({self.num_tokens}) to be a square grid whose "
             f"side divides the UNet's input side ({self.sample_size})")
     if not (0.0 <= self.cond_drop_prob <= 1.0):
       bad(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
@@ -247,12 +251,12 @@ class VisualizerConfig(ModelConfig):
           bad(f"vae {key} must be 3 (RGB)")
     elif self.vae is not None:
       bad("pixel mode takes no vae (set vae=None, or mode='latent')")
-    for key, want in (("in_channels", self.channels + self.spatial_channels), ("out_channels", self.channels)):
+    for key, want in (("in_channels", self.unet_in_channels), ("out_channels", self.channels)):
       got = _field(self.unet, FlaxUNet2DConditionModel, key)
       if got != want:
         why = f"{self.channels} in {self.mode} mode"
         if want != self.channels:
-          why = f"{why} + spatial_channels {self.spatial_channels}"
+          why = f"twice {why}: the noisy sample and the draft"
         bad(f"unet {key} ({got}) must be {want} ({why})")
     got = _field(self.unet, FlaxUNet2DConditionModel, "sample_size")
     if got != self.sample_size:
@@ -288,8 +292,13 @@ class VisualizerConfig(ModelConfig):
     return self.image_size // self.vae_factor
 
   @property
+  def unet_in_channels(self) -> int:
+    """The noisy sample's channels, and the draft's when there is one."""
+    return 2 * self.channels if self.draft_width else self.channels
+
+  @property
   def grid_side(self) -> int:
-    """k: the side of the tokens' square grid (m = k^2; checked when ``spatial_channels``)."""
+    """k: the side of the tokens' square grid (m = k^2; checked when ``draft_width``)."""
     return math.isqrt(self.num_tokens)
 
   @property
@@ -317,12 +326,13 @@ class VisualizerConfig(ModelConfig):
     UNet predicts the image itself, so colour, shape and position are learned from the
     condition early (with epsilon-prediction the loss barely weights those timesteps).
     Token positions tell cross-attention which grid cell each visual token pooled, and
-    each token also conditions its own pixels (``spatial_channels`` 64): with it, colour and
-    position are redrawn at ~100% after 400 steps, without it at ~50% and ~35%.
+    a draft decoder (``draft_width`` 64) regresses the image for the UNet to refine:
+    without it the UNet redraws colour and position but not shape (~45% after 1200 steps;
+    docs/findings.md).
     """
     blocks = overrides.pop("block_out_channels", (32, 64, 64))
-    spatial = overrides.setdefault("spatial_channels", 64)
-    unet = dict(sample_size=image_size, in_channels=3 + spatial, out_channels=3,
+    draft = overrides.setdefault("draft_width", 64)
+    unet = dict(sample_size=image_size, in_channels=6 if draft else 3, out_channels=3,
                 down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
                 block_out_channels=tuple(blocks), layers_per_block=1, attention_head_dim=4,
@@ -454,6 +464,13 @@ def _linear(d_in: int, d_out: int, names: tuple[str | None, str | None], config:
                     bias_init=logical_init(nnx.initializers.zeros, names[1]), rngs=rngs)
 
 
+def _conv(d_in: int, d_out: int, config: VisualizerConfig, rngs: nnx.Rngs) -> nnx.Conv:
+  """A 3x3 'SAME' convolution over NHWC."""
+  return nnx.Conv(d_in, d_out, (3, 3), dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+                  kernel_init=logical_init(nnx.initializers.lecun_normal(), None, None, "channels", "channels"),
+                  bias_init=logical_init(nnx.initializers.zeros, "channels"), rngs=rngs)
+
+
 def _layer_norm(width: int, config: VisualizerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(width, epsilon=1e-5, dtype=jnp.dtype(config.dtype),
                        param_dtype=jnp.dtype(config.param_dtype),
@@ -539,12 +556,39 @@ class Resampler(nnx.Module):
 # ----------------------------------------------------------------------------- the visualizer
 
 
+class DraftDecoder(nnx.Module):
+  """Visual tokens [B, m, Dv] -> a draft of the clean sample [B, C, S, S] (NCHW, the UNet's
+  layout), by regression. Each token: fc1 (Dv -> 8w) -> GELU -> fc2 (-> r*r*w/2), unfolded
+  over the r x r pixels its grid cell covers (r = S / sqrt(m)); then three 3x3 convs
+  (w/2 -> w -> w -> C, GELU between) mix neighbouring cells. w = ``draft_width``.
+  Params: fc1/{kernel,bias}, fc2/..., conv1/..., conv2/..., conv3/...."""
+
+  def __init__(self, config: VisualizerConfig, *, rngs: nnx.Rngs):
+    w, c = config.draft_width, config
+    self.side = config.grid_side
+    self.cell = config.sample_size // self.side
+    self.features = w // 2
+    self.fc1 = _linear(c.token_dim, 8 * w, ("vis_embed", "mlp"), c, rngs)
+    self.fc2 = _linear(8 * w, self.cell * self.cell * self.features, ("mlp", "channels"), c, rngs)
+    self.conv1 = _conv(self.features, w, c, rngs)
+    self.conv2 = _conv(w, w, c, rngs)
+    self.conv3 = _conv(w, c.channels, c, rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    b, k, r = tokens.shape[0], self.side, self.cell
+    cells = self.fc2(jax.nn.gelu(self.fc1(tokens)))                       # [B, m, r*r*F]
+    cells = cells.reshape(b, k, k, r, r, self.features).transpose(0, 1, 3, 2, 4, 5)
+    x = cells.reshape(b, k * r, k * r, self.features)                     # [B, S, S, F]
+    x = self.conv3(jax.nn.gelu(self.conv2(jax.nn.gelu(self.conv1(x)))))  # [B, S, S, C]
+    return jnp.transpose(x, (0, 3, 1, 2)).astype(jnp.float32)
+
+
 class Condition(NamedTuple):
   """What the UNet is conditioned on: ``context`` [B, L, cross_dim] (cross-attention) and,
-  with ``spatial_channels``, ``grid`` [B, k, k, spatial_channels] (k = sqrt(m); concatenated
-  to the noisy sample, repeated up to its side). A pytree: jit, ``jax.tree.map`` see both."""
+  with ``draft_width``, ``draft`` [B, C, S, S] (concatenated to the noisy sample). A pytree:
+  jit and ``jax.tree.map`` see both."""
   context: jax.Array
-  grid: jax.Array | None = None
+  draft: jax.Array | None = None
 
   def drop(self, dropped: jax.Array) -> Condition:
     """Each example's condition with ``dropped`` [B] bool set to zeros (the unconditional)."""
@@ -578,10 +622,7 @@ class Visualizer(nnx.Module):
                                             jnp.dtype(config.param_dtype)))
     else:
       self.token_positions = None
-    if config.spatial_channels:
-      self.spatial = _linear(config.token_dim, config.spatial_channels, ("vis_embed", "channels"), config, rngs)
-    else:
-      self.spatial = None
+    self.draft = DraftDecoder(config, rngs=rngs) if config.draft_width else None
     param_dtype = jnp.dtype(config.param_dtype)
     self.unet = _to_params(_init_weights(_unet_module(config), rngs.params()), param_dtype)
     if config.mode == "latent":
@@ -633,31 +674,35 @@ class Visualizer(nnx.Module):
   # --- pieces
   def condition(self, tokens: jax.Array) -> Condition:
     """Visual tokens [B, m, Dv] -> the UNet's condition: the adapter's output zero-padded to
-    ``pad_to`` [B, L, cross_dim], and the token grid [B, k, k, spatial_channels] (or None)."""
+    ``pad_to`` [B, L, cross_dim], and the draft [B, C, S, S] (or None), gradient stopped."""
+    return self._condition(tokens)[0]
+
+  def _condition(self, tokens: jax.Array) -> tuple[Condition, jax.Array | None]:
+    """(``condition(tokens)``, the draft with its gradient, or None)."""
     self._check_tokens(tokens)
     c = self.config
     tokens = tokens.astype(jnp.dtype(c.dtype))
-    grid = None
-    if self.spatial is not None:
-      grid = self.spatial(tokens).reshape(tokens.shape[0], c.grid_side, c.grid_side, c.spatial_channels)
+    draft = None if self.draft is None else self.draft(tokens)
     if self.token_positions is not None:
       tokens = tokens + self.token_positions[...].astype(tokens.dtype)
     context = self.adapter(tokens)
     pad = c.padded_length - context.shape[1]
     context = jnp.pad(context, ((0, 0), (0, pad), (0, 0))) if pad else context
-    return Condition(context, grid)
+    return Condition(context, None if draft is None else jax.lax.stop_gradient(draft)), draft
 
   def training_condition(self, tokens: jax.Array, rng: jax.Array) -> Condition:
     """``condition(tokens)`` with each example's whole condition set to zeros with
     probability ``cond_drop_prob`` (classifier-free guidance training)."""
-    cond = self.condition(tokens)
-    return cond.drop(jax.random.bernoulli(rng, self.config.cond_drop_prob, (tokens.shape[0],)))
+    return self._drop(self.condition(tokens), rng)
+
+  def _drop(self, cond: Condition, rng: jax.Array) -> Condition:
+    return cond.drop(jax.random.bernoulli(rng, self.config.cond_drop_prob, (cond.context.shape[0],)))
 
   def unconditional(self, batch: int) -> Condition:
     """The unconditional (all-zero) condition of ``batch`` examples."""
     c, dtype = self.config, jnp.dtype(self.config.dtype)
-    grid = jnp.zeros((batch, c.grid_side, c.grid_side, c.spatial_channels), dtype) if c.spatial_channels else None
-    return Condition(jnp.zeros((batch, c.padded_length, c.cross_attention_dim), dtype), grid)
+    draft = jnp.zeros((batch, c.channels, c.sample_size, c.sample_size), jnp.float32) if c.draft_width else None
+    return Condition(jnp.zeros((batch, c.padded_length, c.cross_attention_dim), dtype), draft)
 
   def predict(self, x: jax.Array, timesteps: jax.Array, cond: Condition, *, train: bool = False,
               rng: jax.Array | None = None) -> jax.Array:
@@ -665,10 +710,8 @@ class Visualizer(nnx.Module):
     epsilon (or v) [B, C, S, S] float32."""
     dtype = jnp.dtype(self.config.dtype)
     x = x.astype(dtype)
-    if cond.grid is not None:  # [B, k, k, Cs] -> [B, Cs, S, S], each token over the pixels it pooled
-      r = x.shape[-1] // cond.grid.shape[1]
-      grid = jnp.repeat(jnp.repeat(jnp.transpose(cond.grid, (0, 3, 1, 2)), r, axis=2), r, axis=3)
-      x = jnp.concatenate([x, grid.astype(dtype)], axis=1)
+    if cond.draft is not None:
+      x = jnp.concatenate([x, cond.draft.astype(dtype)], axis=1)  # [B, 2C, S, S]
     rngs = {"dropout": rng} if (train and rng is not None) else None
     out = _unet_module(self.config).apply({"params": self.unet_params()}, x, timesteps, cond.context,
                                           train=train, rngs=rngs)
@@ -717,8 +760,9 @@ class Visualizer(nnx.Module):
   # --- training
   def loss(self, images: jax.Array, tokens: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Diffusion loss: MSE between the UNet's output and epsilon (or v) on DDPM-noised
-    images at t ~ U{0..T-1}, conditions dropped to zeros with prob ``cond_drop_prob``.
-    images [B, H, W, 3] in [-1, 1], tokens [B, m, Dv] -> (loss, {"loss_diffusion"})."""
+    images at t ~ U{0..T-1}, conditions dropped to zeros with prob ``cond_drop_prob``, plus
+    ``draft_weight`` x the draft's MSE to the clean sample (with ``draft_width``).
+    images [B, H, W, 3] in [-1, 1], tokens [B, m, Dv] -> (loss, {"loss_diffusion"[, "loss_draft"]})."""
     self._check_images(images)
     self._check_tokens(tokens)
     if images.shape[0] != tokens.shape[0]:
@@ -732,11 +776,14 @@ class Visualizer(nnx.Module):
     a = self._common().alphas_cumprod[t][:, None, None, None]
     x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
     target = noise if c.prediction_type == "epsilon" else jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
-    cond = self.training_condition(tokens, k_drop)
+    cond, draft = self._condition(tokens)
     dropout = _field(c.unet, FlaxUNet2DConditionModel, "dropout") > 0
-    pred = self.predict(x_t, t, cond, train=dropout, rng=k_dropout)
+    pred = self.predict(x_t, t, self._drop(cond, k_drop), train=dropout, rng=k_dropout)
     loss = jnp.mean(jnp.square(pred - target))
-    return loss, {"loss_diffusion": loss}
+    if draft is None:
+      return loss, {"loss_diffusion": loss}
+    loss_draft = jnp.mean(jnp.square(draft - x0))
+    return loss + c.draft_weight * loss_draft, {"loss_diffusion": loss, "loss_draft": loss_draft}
 
   # --- sampling
   def sample(self, tokens: jax.Array, *, guidance: float, steps: int, rng: jax.Array,
