@@ -25,19 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ATTRIBUTES = ("color", "shape", "position")
 
 
-def load(path: str):
-  """The VisualizerModel exported by a visualizer-stage run (``WORKDIR/model``)."""
-  from flax import nnx
-
-  from metamorph.convert import tensors
-  from metamorph.models.visualizer import VisualizerModel, VisualizerModelConfig
-  from train.model_init import VISUALIZER_KIND, exported
-  folder = exported(path)
-  meta, params = tensors.read_converted(folder, VISUALIZER_KIND)
-  config = VisualizerModelConfig.from_dict(meta["config"])
-  return tensors.build_module(lambda: VisualizerModel(config, rngs=nnx.Rngs(0)), params, folder)
-
-
 def scenes(n: int, size: int, holdout: list[tuple[str, str]]):
   """n (image uint8 [S, S, 3], truth) pairs; half held-out pairs when ``holdout``."""
   from metamorph.data import shapes
@@ -65,7 +52,8 @@ def main() -> None:
 
   from metamorph.data.oracle import read_image
   from metamorph.models.visualizer import reconstruct
-  model = load(args.model)
+  from metamorph.api import load_visualizer_model
+  model = load_visualizer_model(args.model)
   holdout = [tuple(p.split(":")) for p in args.holdout]
   data = scenes(args.n, model.config.visualizer.image_size, holdout)
   images = np.stack([image for image, _ in data])

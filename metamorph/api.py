@@ -64,6 +64,12 @@ class Generation:
 
 def load_visualizer(path: str):
   """The ``Visualizer`` of a visualizer-stage workdir or its exported folder."""
+  return load_visualizer_model(path).visualizer
+
+
+def load_visualizer_model(path: str):
+  """The ``VisualizerModel`` (frozen SigLIP tower + visualizer) of a visualizer-stage
+  workdir or its exported folder."""
   from metamorph.models.visualizer import VisualizerModel, VisualizerModelConfig
   folder = tensors.exported(path)
   if not tensors.is_converted(folder):
@@ -71,8 +77,7 @@ def load_visualizer(path: str):
                           "exported 'model' folder)")
   meta, params = tensors.read_converted(folder, VISUALIZER_KIND)
   config = VisualizerModelConfig.from_dict(meta["config"])
-  model = tensors.build_module(lambda: VisualizerModel(config, rngs=nnx.Rngs(0)), params, folder)
-  return model.visualizer
+  return tensors.build_module(lambda: VisualizerModel(config, rngs=nnx.Rngs(0)), params, folder)
 
 
 def _resolve(entry: str, checkpoint: str, folder: str) -> str | None:
@@ -358,4 +363,4 @@ def _to_pil(image) -> Image.Image:
   return Image.fromarray(arr)
 
 
-__all__ = ["Generation", "MetaMorphModel", "load", "load_visualizer"]
+__all__ = ["Generation", "MetaMorphModel", "load", "load_visualizer", "load_visualizer_model"]

@@ -16,12 +16,12 @@ from flax import nnx
 from metamorph.convert import ConversionError, read_llm
 from metamorph.convert import siglip as siglip_convert
 from metamorph.convert import tensors
+from metamorph.convert.tensors import exported
 from metamorph.models.llama import LlamaConfig
 from metamorph.models.metamorph import IMAGE_END, IMAGE_START, MetaMorph, MetaMorphConfig
 from metamorph.models.siglip import Siglip, SiglipConfig, SiglipTextConfig, SiglipVisionConfig
 
 MODEL_DIR = tensors.MODEL_DIR  # WORKDIR/model: the exported model of a run
-exported = tensors.exported
 METAMORPH_KIND = "metamorph"
 VISUALIZER_KIND = "visualizer"
 
