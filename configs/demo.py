@@ -21,10 +21,12 @@ def get_config():
   c.holdout = "red:triangle,blue:circle,yellow:cross"
   c.tasks = ""                  # the world's task mix ("" = the default mix; see metamorph.data.shapes)
   c.presets = ml_collections.ConfigDict()
-  c.presets.full = _preset(world=20000, validation=1000, siglip_steps=600, visualizer_steps=450,
-                           connector_steps=150, vpit_steps=800, eval_understanding=300, eval_edit=60,
+  # world / validation / captions: records of the train, validation and captions (SigLIP) splits
+  c.presets.full = _preset(world=20000, validation=1000, captions=20000, siglip_steps=1200,
+                           visualizer_steps=400, connector_steps=50, vpit_steps=650,
+                           eval_understanding=300, eval_edit=60,
                            eval_t2i=0, render_steps=10, render_guidance=1.0)
-  c.presets.quick = _preset(world=600, validation=100, siglip_steps=10, visualizer_steps=10,
+  c.presets.quick = _preset(world=600, validation=100, captions=600, siglip_steps=10, visualizer_steps=10,
                             connector_steps=5, vpit_steps=10, eval_understanding=16, eval_edit=4,
                             eval_t2i=16, render_steps=5, render_guidance=3.0)
   # eval_t2i: 0 = every prompt of world/eval_t2i.jsonl (seen and held-out pairs), else the first n of each

@@ -10,7 +10,7 @@ from PIL import Image
 from metamorph.data import oracle, shapes, shapes_tasks
 from metamorph.data import tfds_builder
 from metamorph.data.records import parse_record
-from metamorph.data.shapes_tasks import IMAGE, TASKS
+from metamorph.data.shapes_tasks import IMAGE, VPIT_TASKS
 
 HOLDOUT = (("blue", "square"), ("red", "circle"))
 
@@ -74,7 +74,7 @@ def test_write_world_is_byte_identical(tmp_path, world):
 
 def test_every_task_kind_and_validity(examples):
   records = [r for r, _ in examples]
-  assert set(r["task"] for r in records) == set(TASKS)
+  assert set(r["task"] for r in records) == set(VPIT_TASKS)  # the default mix has no captions
   for record, images in examples:
     shapes_tasks.validate_record(record)
     parse_record(record)  # the project's reader accepts it
@@ -111,6 +111,8 @@ def test_task_selection():
       assert got == set(shapes_tasks.UNDERSTANDING_TASKS) | {"t2i"}
   mix = shapes_tasks.resolve_mix("qa:3,t2i:1")
   assert mix == {"qa": 0.75, "t2i": 0.25}
+  assert "caption" not in shapes_tasks.resolve_mix("all")
+  assert shapes_tasks.resolve_mix("caption") == {"caption": 1.0}
   assert abs(sum(shapes_tasks.resolve_mix(None).values()) - 1) < 1e-12
   for bad in ["qa,pizza", "qa:x", "qa:-1", {"qa": 0}]:
     with pytest.raises(ValueError):
@@ -206,7 +208,7 @@ def test_argument_errors():
 
 def test_cli(tmp_path, capsys):
   out = str(tmp_path / "w")
-  assert shapes.main(["--out", out, "--n", "30", "--val-n", "10", "--seed", "2",
+  assert shapes.main(["--out", out, "--n", "30", "--val-n", "10", "--captions-n", "12", "--seed", "2",
                       "--holdout", "red:circle", "--tasks", "qa,t2i,edit", "--quiet"]) == 0
   with open(os.path.join(out, "world.json")) as f:
     world = json.load(f)
@@ -217,6 +219,15 @@ def test_cli(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, name)), name
   source = tfds_builder.open_source(os.path.join(out, "tfds"), shapes.DATASET_NAME, "validation")
   assert len(source) == 10 and world["tfds"]["drop_counts"]["train"]["kept"] == 30
+  # the captions split: image-caption pairs only
+  assert world["counts"]["captions"] == {"caption": 12}
+  assert world["tfds"]["drop_counts"]["captions"]["kept"] == 12
+  with open(os.path.join(out, "captions.jsonl")) as f:
+    captions = [json.loads(line) for line in f]
+  for r in captions:
+    [human, gpt] = r["conversations"]
+    assert r["meta"]["questions"] == ["caption"] and r["meta"]["answers"] == [gpt["value"]]
+    assert human["value"].startswith(IMAGE + "\n") and len(r["image"]) == 1
   with open(os.path.join(out, "validation.jsonl")) as f:
     for line in f:
       for image in json.loads(line).get("image", []):
@@ -224,7 +235,8 @@ def test_cli(tmp_path, capsys):
   for argv, message in [(["--out", out, "--n", "5"], "--overwrite"),
                         (["--out", str(tmp_path / "x"), "--holdout", "pink:circle"], "red, green, blue"),
                         (["--out", str(tmp_path / "x"), "--tasks", "qa,pizza"], "unknown task"),
-                        (["--out", str(tmp_path / "x"), "--image-size", "8"], "--image-size")]:
+                        (["--out", str(tmp_path / "x"), "--image-size", "8"], "--image-size"),
+                        (["--out", str(tmp_path / "x"), "--captions-n", "-1"], "--captions-n")]:
     with pytest.raises(SystemExit) as e:
       shapes.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err

@@ -83,6 +83,8 @@ def test_build_and_read_back(tmp_path, image_root):
     source = open_source(data_dir, "hand_made", split)
     assert len(source) == len(records)
     assert [_decoded(source[i]) for i in range(len(source))] == [_expected(r, image_root) for r in records]
+  with pytest.raises(ValueError, match="has no split 'captions' \\(it has train, validation\\)"):
+    open_source(data_dir, "hand_made", "captions")
   version_dir = os.path.join(data_dir, "hand_made", "1.0.0")
   assert os.path.exists(os.path.join(version_dir, "hand_made-train.array_record-00000-of-00001"))
   with pytest.raises(FileExistsError):

@@ -63,16 +63,20 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, root: str | None
   return c
 
 
-def build_world(config: ml_collections.ConfigDict, root: str | None = None, tasks: str | None = None) -> dict:
+def build_world(config: ml_collections.ConfigDict, root: str | None = None, tasks: str | None = None,
+                captions: bool = True) -> dict:
   """The shapes world under ``ROOT/world`` (default root ``config.workdir``, task mix
-  ``config.tasks``), unless one with the same settings is there."""
+  ``config.tasks``; the SigLIP stage's ``captions`` split unless ``captions`` is False),
+  unless one with the same settings is there."""
   from metamorph.data import shapes, shapes_tasks
   p, out = preset(config), os.path.join(root or config.workdir, "world")
   size = shapes.DEFAULT_SIZE
   tasks = config.tasks if tasks is None else tasks
   holdout = shapes_tasks.normalize_holdout([s for s in config.holdout.split(",") if s.strip()])
-  want = {"n": p.world, "val_n": p.validation, "seed": config.seed, "image_size": size,
-          "holdout": [f"{c}:{s}" for c, s in holdout], "tasks": shapes_tasks.resolve_mix(tasks or None)}
+  captions_n = p.captions if captions else 0
+  want = {"n": p.world, "val_n": p.validation, "captions_n": captions_n, "seed": config.seed,
+          "image_size": size, "holdout": [f"{c}:{s}" for c, s in holdout],
+          "tasks": shapes_tasks.resolve_mix(tasks or None)}
   path = os.path.join(out, shapes.WORLD_FILE)
   if os.path.isfile(path):
     world = read_json(path)
@@ -80,8 +84,9 @@ def build_world(config: ml_collections.ConfigDict, root: str | None = None, task
       print(f"world: {out} is up to date ({p.world} records)")
       return world
     print(f"world: {out} was built with other settings; rebuilding")
-  print(f"world: building {p.world} + {p.validation} records in {out}")
-  return shapes.build_world(out, p.world, config.seed, holdout, size, p.validation, tasks or None)
+  print(f"world: building {p.world} + {p.validation} records (+ {captions_n} captions) in {out}")
+  return shapes.build_world(out, p.world, config.seed, holdout, size, p.validation, tasks or None,
+                            captions_n=captions_n)
 
 
 def _done(workdir: str) -> dict | None:

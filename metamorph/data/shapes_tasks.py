@@ -19,6 +19,8 @@ Task kinds (``TASKS``):
   video_qa     the same kind of frames -> direction, end position, colour, shape.
   multi_image  two images -> same colour / shape / size / position? which one shows X?
   text         language-only questions about the world ("Which shape has three corners?").
+  caption      an image and its caption only: the image-text pairs of the SigLIP stage
+               (the world's ``captions`` split); not in any group or the default mix.
 
 Contracts:
   * Example ``index`` of a split draws everything from ``example_rng(seed, split,
@@ -54,11 +56,12 @@ from metamorph.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Shape
 
 IMAGE = "<image>"
 
-TASKS: tuple[str, ...] = ("qa", "t2i", "edit", "think", "next_frame", "video_qa", "multi_image", "text")
 GENERATION_TASKS: tuple[str, ...] = ("t2i", "edit", "think", "next_frame")  # answers hold images
 UNDERSTANDING_TASKS: tuple[str, ...] = ("qa", "video_qa", "multi_image", "text")
+VPIT_TASKS: tuple[str, ...] = ("qa", "t2i", "edit", "think", "next_frame", "video_qa", "multi_image", "text")
+TASKS: tuple[str, ...] = (*VPIT_TASKS, "caption")
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
-  "all": TASKS, "generation": GENERATION_TASKS, "understanding": UNDERSTANDING_TASKS}
+  "all": VPIT_TASKS, "generation": GENERATION_TASKS, "understanding": UNDERSTANDING_TASKS}
 DEFAULT_MIX: dict[str, float] = {
   "qa": 0.30, "t2i": 0.25, "edit": 0.10, "think": 0.08,
   "next_frame": 0.07, "video_qa": 0.05, "multi_image": 0.08, "text": 0.07}
@@ -285,12 +288,17 @@ def _distinct(objs: tuple[Shape, ...]) -> bool:
   return len({(o.color, o.shape) for o in objs}) == len(objs)
 
 
+def _qa_scene(rng: np.random.Generator) -> tuple[Shape, ...]:
+  """One object, or two with probability ``TWO_OBJECT_PROB``, placed (any pair)."""
+  n_objects = 2 if rng.random() < TWO_OBJECT_PROB else 1
+  return tuple(shapes.place(s, rng) for s in shapes.sample_scene(rng, n_objects))
+
+
 def task_qa(rng: np.random.Generator, holdout: Collection[tuple[str, str]]) -> _Example:
   """Image QA: 1-3 questions of distinct kinds about one image (any pair)."""
   ex = _Example("qa")
-  n_objects = 2 if rng.random() < TWO_OBJECT_PROB else 1
-  objs = tuple(shapes.place(s, rng) for s in shapes.sample_scene(rng, n_objects))
-  kinds = [k for k in QA_KINDS if not (k == "position" and n_objects == 2 and not _distinct(objs))]
+  objs = _qa_scene(rng)
+  kinds = [k for k in QA_KINDS if not (k == "position" and len(objs) == 2 and not _distinct(objs))]
   n_turns = 1 + int(rng.choice(3, p=[0.5, 0.3, 0.2]))
   for i, j in enumerate(rng.permutation(len(kinds))[:n_turns]):
     question, answer, canonical = _qa_question(rng, kinds[int(j)], objs)
@@ -300,6 +308,17 @@ def task_qa(rng: np.random.Generator, holdout: Collection[tuple[str, str]]) -> _
       ex.ask(question)
     ex.answer(answer)
     ex.question(kinds[int(j)], canonical)
+  return ex
+
+
+def task_caption(rng: np.random.Generator, holdout: Collection[tuple[str, str]]) -> _Example:
+  """An image-caption pair: a qa scene with its one caption question."""
+  ex = _Example("caption")
+  objs = _qa_scene(rng)
+  question, answer, canonical = _qa_question(rng, "caption", objs)
+  ex.ask(f"{IMAGE}\n{question}", objs)
+  ex.answer(answer)
+  ex.question("caption", canonical)
   return ex
 
 
@@ -482,7 +501,7 @@ def task_text(rng: np.random.Generator, holdout: Collection[tuple[str, str]]) ->
 GENERATORS: dict[str, Callable[[np.random.Generator, Collection[tuple[str, str]]], _Example]] = {
   "qa": task_qa, "t2i": task_t2i, "edit": task_edit, "think": task_think,
   "next_frame": task_next_frame, "video_qa": task_video_qa, "multi_image": task_multi_image,
-  "text": task_text}
+  "text": task_text, "caption": task_caption}
 
 
 # --- arguments --------------------------------------------------------------------
@@ -524,8 +543,9 @@ def resolve_mix(tasks: str | Sequence[str] | Mapping[str, float] | None = None) 
   """Task weights, normalised to sum 1, in ``TASKS`` order, zero weights dropped.
 
   tasks: None (``DEFAULT_MIX``); a mapping task -> weight; a list of task or
-  group names (``TASK_GROUPS``), which keep their default relative weights; or
-  the CLI's string form "qa,t2i" / "qa:3,t2i:1" / "understanding,t2i:0.1".
+  group names (``TASK_GROUPS``), which keep their default relative weights (1 for
+  "caption", which has none); or the CLI's string form "qa,t2i" / "qa:3,t2i:1" /
+  "understanding,t2i:0.1".
   """
   weights: dict[str, float] = {}
   if tasks is None:
@@ -538,7 +558,7 @@ def resolve_mix(tasks: str | Sequence[str] | Mapping[str, float] | None = None) 
       except ValueError:
         raise ValueError(f"task weight {item!r} is not NAME or NAME:NUMBER") from None
       for t in _expand(name.strip()):
-        weights[t] = DEFAULT_MIX[t] if value is None else value
+        weights[t] = DEFAULT_MIX.get(t, 1.0) if value is None else value
   elif isinstance(tasks, Mapping):
     for name, w in tasks.items():
       for t in _expand(name):
@@ -546,7 +566,7 @@ def resolve_mix(tasks: str | Sequence[str] | Mapping[str, float] | None = None) 
   else:
     for name in tasks:
       for t in _expand(name):
-        weights[t] = DEFAULT_MIX[t]
+        weights[t] = DEFAULT_MIX.get(t, 1.0)
   if any(not (w >= 0 and math.isfinite(w)) for w in weights.values()) or not sum(weights.values()) > 0:
     raise ValueError(f"task weights must be >= 0 with a positive sum, got {weights}")
   total = sum(weights.values())

@@ -151,7 +151,12 @@ def open_source(data_dir: str, name: str, split: str, version: str | None = None
   Each example: {"id": bytes, "conversations": bytes (JSON), "images": list of
   encoded image bytes, "extra": bytes (JSON)}.
   """
-  builder = tfds.builder_from_directory(_version_dir(data_dir, name, version))
+  path = _version_dir(data_dir, name, version)
+  builder = tfds.builder_from_directory(path)
+  if split not in builder.info.splits:
+    raise ValueError(f"{path} has no split {split!r} (it has {', '.join(sorted(builder.info.splits))}); "
+                     "build the dataset with that split or choose another (config.data.train_split / "
+                     "eval_split; the shapes world writes 'captions' unless --captions-n 0)")
   return builder.as_data_source(split)
 
 

@@ -35,7 +35,7 @@ def run_mix(config, name: str, tasks: str, root: str, reference: dict) -> dict:
   demo's: the same validation records and prompts for every mix)."""
   from train import report, workflow
   mix_root = os.path.join(root, "data_mix", name)
-  world = workflow.build_world(config, mix_root, tasks)
+  world = workflow.build_world(config, mix_root, tasks, captions=False)  # SigLIP is shared
   for stage in ("connector", "vpit"):
     workflow.train_stage(config, stage, mix_root, shared=root)
   results = report.evaluate(os.path.join(mix_root, "vpit"), os.path.join(root, "world"), reference,
