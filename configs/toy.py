@@ -26,10 +26,16 @@ def get_config(stage: str = "vpit"):
   c.model.llm.head_dim = 32
   c.model.llm.tie_word_embeddings = True
   c.model.llm.max_position_embeddings = 512
+  # 8 px patches: a 4 x 4 grid, one patch per visual token (m = 16, no pooling). Shape is then
+  # linearly readable from the tokens at 94% after 1200 steps (4 px patches: 74%; 2.7x slower)
   c.model.siglip.vision = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3,
-                               num_attention_heads=4, image_size=32, patch_size=4, vision_use_head=True)
+                               num_attention_heads=4, image_size=32, patch_size=8, vision_use_head=True)
   c.model.siglip.text = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                              num_attention_heads=4, vocab_size=512, max_position_embeddings=16)
+
+  # data parallel over two XLA devices on a 2-core CPU: the visualizer trains 1.2x faster than
+  # on one device (the demo's 400 steps: 351 -> 291 s); SigLIP and VPiT run about as fast
+  c.mesh.data, c.mesh.fsdp, c.mesh.cpu_devices = -1, 1, 2
 
   c.optim.lr = 1e-3
   c.train.steps = 300
@@ -41,7 +47,7 @@ def get_config(stage: str = "vpit"):
     c.data.train_split = "captions"  # the world's image-caption pairs
     c.optim.lr = 1e-3  # 3e-4 left shape far less linearly readable from the tokens
     c.train.batch_size = 64
-    c.train.steps = 1200
+    c.train.steps = 2400
   elif stage in ("connector", "vpit", "visualizer"):
     c.model.siglip_init = "runs/demo/siglip"
   if stage == "visualizer":

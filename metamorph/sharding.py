@@ -9,6 +9,8 @@ unchanged on one device.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,6 +69,23 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     return x
   spec = logical_to_spec(names, spmd.get_logical_axis_rules() or AXIS_RULES)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fit_spec(spec, x.shape, mesh)))
+
+
+def use_cpu_devices(n: int) -> None:
+  """Splits the CPU backend into ``n`` XLA devices (``jax_num_cpu_devices``) so that a
+  data-parallel mesh runs its shards side by side on a CPU-only host's cores (the toy
+  visualizer trains 1.2x faster on two; docs/findings.md). Call it before JAX runs
+  anything; ``n`` <= 0, or a device count set in ``XLA_FLAGS``, leaves JAX's default.
+  Accelerator backends are unaffected."""
+  if n <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return
+  if jax.config.jax_num_cpu_devices == n:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:  # the backends are up: the count can no longer change
+    warnings.warn(f"{n} CPU devices (mesh.cpu_devices) ignored: JAX started before they were asked "
+                  f"for and keeps {len(jax.devices('cpu'))}; set them before running anything", stacklevel=2)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:

@@ -1,4 +1,10 @@
-"""Every parameter of every model carries logical axis names the rules table knows."""
+"""Every parameter of every model carries logical axis names the rules table knows; the
+CPU backend splits into several devices on request."""
+import os
+import subprocess
+import sys
+
+import jax
 import pytest
 from flax import nnx
 
@@ -38,3 +44,29 @@ def test_no_parameter_uses_a_mesh_axis_twice():
       axes = [a for a in sharding.logical_to_spec(var.get_metadata()["out_sharding"]) if a is not None]
       flat = [x for a in axes for x in ((a,) if isinstance(a, str) else a)]
       assert len(flat) == len(set(flat)), (name, path, axes)
+
+
+def _cpu_devices_after(n: int, env: dict) -> int:
+  """The CPU device count a fresh interpreter ends up with after ``use_cpu_devices(n)``."""
+  code = ("import jax; from metamorph import sharding; "
+          f"sharding.use_cpu_devices({n}); print(len(jax.devices('cpu')))")
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu", **env}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                       check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return int(out.stdout.split()[-1])
+
+
+def test_use_cpu_devices_splits_the_cpu_before_jax_starts():
+  assert _cpu_devices_after(2, {}) == 2
+  assert _cpu_devices_after(0, {}) == 1
+
+
+def test_use_cpu_devices_leaves_a_count_set_in_xla_flags():
+  assert _cpu_devices_after(2, {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}) == 3
+
+
+def test_use_cpu_devices_warns_once_jax_has_started():
+  before = len(jax.devices("cpu"))
+  with pytest.warns(UserWarning, match="ignored: JAX started"):
+    sharding.use_cpu_devices(before + 5)
+  assert len(jax.devices("cpu")) == before

@@ -32,6 +32,7 @@ def tiny_config(stage: str, world: str, **overrides):
                              vocab_size=512, max_position_embeddings=16)
   c.model.siglip_init = ""
   c.init_from = ""
+  c.mesh.cpu_devices = 0  # runs in the test process, where JAX has started on one CPU device
   c.train.update(steps=6, batch_size=8, log_every=1, checkpoint_every=3, eval_every=0, async_checkpoints=False)
   c.optim.update(lr=3e-3, warmup_frac=0.0)
   for key, value in overrides.items():

@@ -78,4 +78,5 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = 1
   c.mesh.fsdp = -1              # -1: all remaining devices
   c.mesh.tensor = 1
+  c.mesh.cpu_devices = 0        # CPU-only hosts: XLA devices to split the cores into (0: one)
   return c

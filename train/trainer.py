@@ -57,10 +57,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         f"config.train.micro_batches ({t.micro_batches})")
   if config.stage == "siglip" and t.micro_batches != 1:
     raise TrainingError("the siglip stage's loss couples the whole batch: use train.micro_batches=1")
+  if config.mesh.cpu_devices < 0:
+    raise TrainingError(f"config.mesh.cpu_devices must be >= 0 (0: JAX's default), got {config.mesh.cpu_devices}")
 
 
 def make_setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Setup:
   validate(config)
+  sharding.use_cpu_devices(config.mesh.cpu_devices)
   try:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   except ValueError as e:
