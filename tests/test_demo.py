@@ -64,12 +64,30 @@ def test_grades_are_exact():
   assert report._normalize(" In the Center. ") == "in the center"
 
 
+def test_scene_of_a_question():
+  from metamorph.data import shapes_tasks
+  scenes = set()
+  for index in range(60):
+    record, _ = shapes_tasks.make_example(0, index, tasks="qa,multi_image,video_qa")
+    got = report.scene(record)
+    if record["task"] == "qa":
+      assert got == ("one object" if record["meta"]["objects"] == [1] else "2 objects")
+    elif record["task"] == "multi_image":
+      assert got == "2 images" and record["meta"]["objects"] == [1, 1]
+    else:
+      assert got == f"{len(record['image'])} frames"
+    scenes.add(got)
+  assert {"one object", "2 objects", "2 images"} <= scenes
+  assert report.scene({"task": "qa", "image": ["a.png"]}) == ""  # a world without meta.objects
+
+
 def test_report_files(tmp_path):
   c = _demo_config(str(tmp_path))
   grades = {"color": 1.0, "shape": 0.5, "size": 1.0, "position": 1.0, "all_three": 0.5, "n": 2,
             "no_image": 0, "token_cosine": 0.9}
   results = {"preset": "quick", "holdout": ["red:triangle"],
              "understanding": {"accuracy": 0.75, "n": 4, "by_type": {"qa/color": {"accuracy": 0.75, "n": 4}},
+                               "by_scene": {"2 objects": {"accuracy": 0.5, "n": 2}},
                                "examples": [{"question": "q", "answer": "a", "expected": "a"}]},
              "text_to_image": {"seen": grades, "heldout": {**grades, "all_three": 0.0}, "gallery": None},
              "editing": {"n": 0}, "loss_plot": None}
@@ -78,5 +96,6 @@ def test_report_files(tmp_path):
   assert path == str(tmp_path / "report.md")
   assert "| seen | 100.0% | 50.0% | 100.0% | 100.0% | **50.0%** | 0 | 0.900 | 2 |" in text
   assert "| qa/color | 75.0% | 4 |" in text
+  assert "| 2 objects | 50.0% | 2 |" in text
   assert json.loads((tmp_path / "report.json").read_text())["seconds"] == {"total": 12.0}
   assert "understanding 75.0% (n=4)" in report.summary(results)

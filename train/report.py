@@ -55,11 +55,26 @@ def _single_turn(record: dict) -> bool:
   return len(turns) == 2 and turns[0]["from"] == "human" and turns[1]["from"] == "gpt"
 
 
+def scene(record: dict) -> str:
+  """What a graded question looks at: "one object", "2 objects" (one image), "2 images",
+  "3 frames" (video), from the record's images and ``meta.objects``; "" when unknown."""
+  images, objects = record.get("image") or [], record.get("meta", {}).get("objects")
+  images = [images] if isinstance(images, str) else images
+  if record.get("task") == "video_qa":
+    return f"{len(images)} frames"
+  if len(images) > 1:
+    return f"{len(images)} images"
+  if not objects:
+    return ""
+  return "one object" if objects[0] == 1 else f"{objects[0]} objects"
+
+
 def understanding(mm, world: str, records: list[dict], limit: int) -> dict[str, Any]:
-  """Exact-match accuracy of text answers, overall and by question type."""
+  """Exact-match accuracy of text answers, overall, by question type and by ``scene``."""
   items = [r for r in records if _single_turn(r) and "<image>" not in r["conversations"][1]["value"]
            and r.get("image")][:limit]
   by_type: dict[str, list[bool]] = defaultdict(list)
+  by_scene: dict[str, list[bool]] = defaultdict(list)
   examples = []
   for chunk in _batches(items, "understanding"):
     outs = mm.generate([r["conversations"][0]["value"] for r in chunk],
@@ -69,12 +84,16 @@ def understanding(mm, world: str, records: list[dict], limit: int) -> dict[str, 
       ok = _normalize(out.text) == _normalize(want)
       kind = r["task"] + ("/" + r["meta"]["questions"][0] if r.get("meta", {}).get("questions") else "")
       by_type[kind].append(ok)
+      by_scene[scene(r) or "unknown"].append(ok)
       if len(examples) < 12:
         examples.append({"question": r["conversations"][0]["value"], "answer": out.text, "expected": want})
   total = [ok for oks in by_type.values() for ok in oks]
   return {"accuracy": float(np.mean(total)) if total else None, "n": len(total),
-          "by_type": {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in sorted(by_type.items())},
-          "examples": examples}
+          "by_type": _rates(by_type), "by_scene": _rates(by_scene), "examples": examples}
+
+
+def _rates(groups: dict[str, list[bool]]) -> dict[str, dict[str, Any]]:
+  return {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in sorted(groups.items())}
 
 
 def _grade(reads: list[dict], targets: list[dict]) -> dict[str, Any]:
@@ -223,6 +242,9 @@ def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: d
            "## Understanding (exact match, validation images)", "",
            f"Overall: **{_pct(u['accuracy'])}** of {u['n']}.", "", "| question type | accuracy | n |", "|---|---|---|"]
   lines += [f"| {k} | {_pct(v['accuracy'])} | {v['n']} |" for k, v in u["by_type"].items()]
+  if u.get("by_scene"):
+    lines += ["", "| what the question looks at | accuracy | n |", "|---|---|---|"]
+    lines += [f"| {k} | {_pct(v['accuracy'])} | {v['n']} |" for k, v in u["by_scene"].items()]
   lines += ["", "## Text-to-image (oracle)", "",
             "| prompts | colour | shape | size | position | all three (c, s, p) | no image | token cosine | n |",
             "|---|---|---|---|---|---|---|---|---|"]

@@ -624,6 +624,8 @@ def make_example(seed: int, index: int, *, holdout: Collection[tuple[str, str]] 
     record["image"] = [image_name(split, index, k) for k in range(len(ex.images))]
   record["conversations"] = [{"from": who, "value": text} for who, text in ex.turns]
   meta = dict(ex.meta)
+  if ex.images:
+    meta["objects"] = [len(objs) for objs in ex.images]  # per image, in placeholder order
   targets = _targets(ex.turns, ex.images)
   if targets:
     meta["targets"] = targets
