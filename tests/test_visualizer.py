@@ -89,6 +89,9 @@ def test_config_json_round_trip_and_presets():
     (dict(draft_width=4, draft_weight=-1.0), "draft_weight must be >= 0"),
     (dict(draft_width=4, unet=dict(in_channels=3)), r"unet in_channels \(3\) must be 6 \(twice 3 in pixel mode: the noisy sample and the draft\)"),
     (dict(draft_width=4, num_tokens=3), r"needs num_tokens \(3\) to be a square grid"),
+    (dict(draft_width=4, draft_strength=0.0), r"draft_strength must be in \(0, 1\], got 0.0"),
+    (dict(draft_width=4, draft_strength=1.5), r"draft_strength must be in \(0, 1\], got 1.5"),
+    (dict(draft_strength=0.5), r"draft_strength 0.5 needs a draft decoder"),
 ])
 def test_config_errors(changes, message):
   with pytest.raises(ValueError, match=message):
@@ -331,17 +334,22 @@ def test_visualizer_model_tokens_and_reconstruct(tiny):
 
 
 def test_draft_decoder_unfolds_each_token_over_its_cell_and_feeds_the_unet():
-  """The draft: token i's fc2 output, unfolded to an r x r x F block, lands at row i // k,
-  column i % k of the k x k grid; three 3x3 'SAME' convs follow. ``predict`` equals diffusers'
-  UNet on [x, draft] (channels concatenated); the unconditional draft is zeros."""
+  """The draft: fc1 features mixed across tokens by ``mix`` (identity at init), token i's fc2
+  output unfolded to an r x r x F block at row i // k, column i % k of the k x k grid; three
+  3x3 'SAME' convs follow. ``predict`` equals diffusers' UNet on [x, draft] (channels
+  concatenated); the unconditional draft is zeros."""
   from diffusers import FlaxUNet2DConditionModel
   w, k = 4, 2
   r, f = SIZE // k, w // 2
   v = V.Visualizer(tiny_config(draft_width=w), rngs=nnx.Rngs(0))
   assert v.config.unet["in_channels"] == 6
+  np.testing.assert_array_equal(v.draft.mix[...], np.eye(M))
+  v.draft.mix[...] = jax.random.normal(jax.random.key(9), (M, M))  # a mixing that is not the identity
   tokens = unit_tokens(0)
   p = {n: np.asarray(a, np.float64) for n, a in module_params(v).items()}
-  cells = jax.nn.gelu(tokens @ p["draft/fc1/kernel"] + p["draft/fc1/bias"]) @ p["draft/fc2/kernel"] + p["draft/fc2/bias"]
+  h = jax.nn.gelu(tokens @ p["draft/fc1/kernel"] + p["draft/fc1/bias"])
+  mixed = np.stack([sum(p["draft/mix"][j, i] * h[:, j] for j in range(M)) for i in range(M)], axis=1)
+  cells = mixed @ p["draft/fc2/kernel"] + p["draft/fc2/bias"]
   x = np.zeros((B, SIZE, SIZE, f))
   for i in range(M):
     x[:, (i // k) * r:(i // k + 1) * r, (i % k) * r:(i % k + 1) * r] = np.asarray(cells[:, i]).reshape(B, r, r, f)
@@ -394,3 +402,45 @@ def test_token_positions_tell_the_condition_which_token_is_which(positions):
     assert np.abs(permuted - original).max() > 1e-3
   else:
     np.testing.assert_array_equal(permuted, original)
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+def test_draft_strength_is_diffusers_img2img(strength):
+  """With ``init`` and ``strength`` < 1, ``denoise`` is diffusers' (PyTorch) img2img loop: the
+  last int(steps * strength) DDIM timesteps, starting from ``add_noise(init, noise, t_start)``."""
+  import torch
+  from diffusers import DDIMScheduler
+  config = tiny_config(draft_width=4, draft_strength=strength)
+  init = jnp.transpose(images(3), (0, 3, 1, 2)) * 0.8
+  shape, steps, rng = init.shape, 10, jax.random.key(5)
+  eps_fn = lambda x, t: 0.5 * x - 0.001 * t  # any deterministic model output
+  ours = V.denoise(config, eps_fn, shape, steps=steps, rng=rng, init=init, strength=strength)
+
+  ref = DDIMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                      beta_start=config.beta_start, beta_end=config.beta_end,
+                      prediction_type=config.prediction_type, clip_sample=config.clip_sample,
+                      set_alpha_to_one=config.set_alpha_to_one, steps_offset=config.steps_offset)
+  ref.set_timesteps(steps)
+  timesteps = ref.timesteps[steps - int(steps * strength):]
+  noise = torch.from_numpy(np.array(jax.random.normal(rng, shape, jnp.float32)))
+  x = ref.add_noise(torch.from_numpy(np.array(init)), noise, timesteps[:1])
+  for t in timesteps:
+    x = ref.step(0.5 * x - 0.001 * float(t), t, x).prev_sample
+  np.testing.assert_allclose(ours, x.numpy(), atol=1e-5, rtol=0)
+  assert V.strength_steps(steps, strength) == len(timesteps)
+
+
+def test_sampling_starts_from_the_noised_draft():
+  """``draft_strength`` < 1: ``sample`` runs ``denoise`` from the condition's draft; 1 ignores it."""
+  v = V.Visualizer(tiny_config(draft_width=4, draft_strength=1.0), rngs=nnx.Rngs(0))
+  tokens, rng = unit_tokens(0), jax.random.key(2)
+  half = variant(v, draft_strength=0.5)
+  cond = half.condition(tokens)
+  eps_fn = lambda x, t: half.guided_prediction(x, t, cond, 1.0, False)
+  want = half.decode(V.denoise(half.config, eps_fn, (B, 3, SIZE, SIZE), steps=4, rng=rng, init=cond.draft,
+                               strength=0.5))
+  np.testing.assert_allclose(half.sample(tokens, guidance=1.0, steps=4, rng=rng), want, atol=1e-6, rtol=0)
+  full = v.sample(tokens, guidance=1.0, steps=4, rng=rng)
+  assert float(jnp.abs(full - want).max()) > 1e-3
+  with pytest.raises(ValueError, match=r"draft_strength 0.5 leaves no step of 1"):
+    half.sample(tokens, guidance=1.0, steps=1, rng=rng)

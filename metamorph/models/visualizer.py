@@ -138,6 +138,9 @@ class VisualizerConfig(ModelConfig):
     ``in_channels`` is ``2 * channels``. It turns the slow part of learning a small
     visualizer, decoding shape from the tokens, into a cheap regression; the UNet
     then learns to refine a draft, which is fast.
+  draft_strength: with a draft, sampling starts from the draft noised to this fraction of
+    the schedule and runs the last ``int(steps * draft_strength)`` steps (SDEdit; diffusers'
+    img2img ``strength``); 1 = from pure noise, the reference. Sampling only.
   unet / vae: kwargs of diffusers' ``FlaxUNet2DConditionModel`` / ``FlaxAutoencoderKL``
     (without ``dtype``; missing keys take diffusers' defaults). NB diffusers'
     ``attention_head_dim`` is the number of heads.
@@ -162,6 +165,7 @@ class VisualizerConfig(ModelConfig):
   token_positions: bool = False
   draft_width: int = 0
   draft_weight: float = 1.0
+  draft_strength: float = 1.0
   unet: dict = dataclasses.field(default_factory=lambda: dict(SD15_UNET))
   vae: dict | None = dataclasses.field(default_factory=lambda: dict(SD15_VAE))
   vae_scaling_factor: float = 0.18215
@@ -201,6 +205,10 @@ class VisualizerConfig(ModelConfig):
       bad(f"draft_width must be an even int >= 0, got {self.draft_width!r}")
     if self.draft_weight < 0:
       bad(f"draft_weight must be >= 0, got {self.draft_weight}")
+    if not 0.0 < self.draft_strength <= 1.0:
+      bad(f"draft_strength must be in (0, 1], got {self.draft_strength}")
+    if self.draft_strength < 1.0 and not self.draft_width:
+      bad(f"draft_strength {self.draft_strength} needs a draft decoder (draft_width > 0)")
     if self.draft_width:
       side = self.grid_side
       if side * side != self.num_tokens or self.sample_size % side:
@@ -328,7 +336,8 @@ class VisualizerConfig(ModelConfig):
     Token positions tell cross-attention which grid cell each visual token pooled, and
     a draft decoder (``draft_width`` 64) regresses the image for the UNet to refine:
     without it the UNet redraws colour and position but not shape (~45% after 1200 steps;
-    docs/findings.md).
+    docs/findings.md). Sampling starts from the draft noised to 30% of the schedule
+    (``draft_strength`` 0.3): from pure noise the UNet loses some of the draft's shape.
     """
     blocks = overrides.pop("block_out_channels", (32, 64, 64))
     draft = overrides.setdefault("draft_width", 64)
@@ -342,7 +351,7 @@ class VisualizerConfig(ModelConfig):
                   adapter="mlp", adapter_hidden=256, num_queries=num_tokens, resampler_heads=4, pad_to=0,
                   token_positions=True, unet=unet, vae=None, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                   prediction_type="v_prediction", clip_sample=True, set_alpha_to_one=True, steps_offset=0,
-                  cond_drop_prob=0.1)
+                  cond_drop_prob=0.1, draft_strength=0.3 if draft else 1.0)
     return cls(**{**values, **overrides})
 
   @classmethod
@@ -558,10 +567,12 @@ class Resampler(nnx.Module):
 
 class DraftDecoder(nnx.Module):
   """Visual tokens [B, m, Dv] -> a draft of the clean sample [B, C, S, S] (NCHW, the UNet's
-  layout), by regression. Each token: fc1 (Dv -> 8w) -> GELU -> fc2 (-> r*r*w/2), unfolded
-  over the r x r pixels its grid cell covers (r = S / sqrt(m)); then three 3x3 convs
-  (w/2 -> w -> w -> C, GELU between) mix neighbouring cells. w = ``draft_width``.
-  Params: fc1/{kernel,bias}, fc2/..., conv1/..., conv2/..., conv3/...."""
+  layout), by regression. Each token: fc1 (Dv -> 8w) -> GELU; the m tokens' features are
+  mixed by a learned [m, m] matrix ``mix`` (identity at init), since an encoder's tokens
+  each carry the whole image rather than their own cell; then fc2 (-> r*r*w/2), unfolded
+  over the r x r pixels the token's grid cell covers (r = S / sqrt(m)); then three 3x3
+  convs (w/2 -> w -> w -> C, GELU between) mix neighbouring cells. w = ``draft_width``.
+  Params: fc1/{kernel,bias}, mix, fc2/..., conv1/..., conv2/..., conv3/...."""
 
   def __init__(self, config: VisualizerConfig, *, rngs: nnx.Rngs):
     w, c = config.draft_width, config
@@ -569,6 +580,8 @@ class DraftDecoder(nnx.Module):
     self.cell = config.sample_size // self.side
     self.features = w // 2
     self.fc1 = _linear(c.token_dim, 8 * w, ("vis_embed", "mlp"), c, rngs)
+    self.mix = nnx.Param(logical_init(lambda key, shape, dtype: jnp.eye(shape[0], dtype=dtype), "positions",
+                                      "positions")(None, (c.num_tokens, c.num_tokens), jnp.dtype(c.param_dtype)))
     self.fc2 = _linear(8 * w, self.cell * self.cell * self.features, ("mlp", "channels"), c, rngs)
     self.conv1 = _conv(self.features, w, c, rngs)
     self.conv2 = _conv(w, w, c, rngs)
@@ -576,7 +589,9 @@ class DraftDecoder(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     b, k, r = tokens.shape[0], self.side, self.cell
-    cells = self.fc2(jax.nn.gelu(self.fc1(tokens)))                       # [B, m, r*r*F]
+    h = jax.nn.gelu(self.fc1(tokens))                                     # [B, m, 8w]
+    h = jnp.einsum("bmf,mn->bnf", h, self.mix[...].astype(h.dtype))      # token n reads all m
+    cells = self.fc2(h)                                                   # [B, m, r*r*F]
     cells = cells.reshape(b, k, k, r, r, self.features).transpose(0, 1, 3, 2, 4, 5)
     x = cells.reshape(b, k * r, k * r, self.features)                     # [B, S, S, F]
     x = self.conv3(jax.nn.gelu(self.conv2(jax.nn.gelu(self.conv1(x)))))  # [B, S, S, C]
@@ -804,7 +819,9 @@ class Visualizer(nnx.Module):
     cond = self.condition(tokens)
     shape = (tokens.shape[0], c.channels, c.sample_size, c.sample_size)
     eps_fn = lambda x, t: self.guided_prediction(x, t, cond, guidance, use_cfg)
-    return self.decode(denoise(c, eps_fn, shape, steps=steps, rng=rng, sampler=sampler))
+    init = cond.draft if c.draft_strength < 1.0 else None
+    return self.decode(denoise(c, eps_fn, shape, steps=steps, rng=rng, sampler=sampler,
+                               init=init, strength=c.draft_strength))
 
 
 def _clipping(config: VisualizerConfig, eps_fn, alphas_cumprod: jax.Array):
@@ -823,15 +840,34 @@ def _clipping(config: VisualizerConfig, eps_fn, alphas_cumprod: jax.Array):
   return clipped
 
 
+def strength_steps(steps: int, strength: float) -> int:
+  """How many of ``steps`` an img2img run at ``strength`` takes (diffusers: int(steps * strength))."""
+  n = min(int(steps * strength), steps)
+  if n < 1:
+    raise ValueError(f"draft_strength {strength} leaves no step of {steps}: use at least {1 / steps:.3g} "
+                     f"or more sampling steps")
+  return n
+
+
 def denoise(config: VisualizerConfig, eps_fn, shape: tuple[int, ...], *, steps: int, rng: jax.Array,
-            sampler: str = "ddim") -> jax.Array:
+            sampler: str = "ddim", init: jax.Array | None = None, strength: float = 1.0) -> jax.Array:
   """The sampling loop: noise of ``shape`` (NCHW) from ``rng``, then ``steps`` of diffusers'
   DDIM (eta 0) or DPM-Solver++ (order 2) with ``eps_fn(x, t) -> model output`` (epsilon or v,
   per ``config.prediction_type``), all inside one ``jax.lax.fori_loop``. Returns the final
-  sample (DDIM: x_0; diffusers' Flax DPM-Solver stops at timestep 0, sigma ~ 0.01)."""
+  sample (DDIM: x_0; diffusers' Flax DPM-Solver stops at timestep 0, sigma ~ 0.01).
+
+  With ``init`` (a clean sample of ``shape``) and ``strength`` < 1, as diffusers' img2img:
+  ``init`` noised to the timestep of step ``steps - strength_steps(steps, strength)``, then
+  the remaining steps."""
   scheduler = _scheduler(config, sampler)
   state = scheduler.set_timesteps(scheduler.create_state(), steps, shape)
-  x = jax.random.normal(rng, shape, jnp.float32) * state.init_noise_sigma
+  noise = jax.random.normal(rng, shape, jnp.float32)
+  start = 0
+  if init is not None and strength < 1.0:
+    start = steps - strength_steps(steps, strength)
+    x = scheduler.add_noise(state, init.astype(jnp.float32), noise, state.timesteps[start])
+  else:
+    x = noise * state.init_noise_sigma
   if config.clip_sample and sampler == "dpm":
     eps_fn = _clipping(config, eps_fn, state.common.alphas_cumprod)
 
@@ -841,8 +877,8 @@ def denoise(config: VisualizerConfig, eps_fn, shape: tuple[int, ...], *, steps: 
     return scheduler.step(state, eps_fn(x, t), t, x, return_dict=False)
 
   if sampler == "ddim":  # DDIM's state is constant: close over it (keeps num_inference_steps static)
-    return jax.lax.fori_loop(0, steps, lambda i, x: body(i, (x, state))[0], x)
-  return jax.lax.fori_loop(0, steps, body, (x, state))[0]
+    return jax.lax.fori_loop(start, steps, lambda i, x: body(i, (x, state))[0], x)
+  return jax.lax.fori_loop(start, steps, body, (x, state))[0]
 
 
 def check_sampling(config: VisualizerConfig, steps, guidance, sampler) -> None:
@@ -853,6 +889,8 @@ def check_sampling(config: VisualizerConfig, steps, guidance, sampler) -> None:
     raise ValueError(f"steps must be an int >= 1, got {steps!r}")
   if steps > config.num_train_timesteps:
     raise ValueError(f"steps ({steps}) must be at most num_train_timesteps ({config.num_train_timesteps})")
+  if config.draft_strength < 1.0:
+    strength_steps(steps, config.draft_strength)
   g = _static_number(guidance)
   if g is not None and not g >= 0:
     raise ValueError(f"guidance must be >= 0, got {guidance!r}")
