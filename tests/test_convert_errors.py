@@ -10,7 +10,7 @@ import pytest
 
 from metamorph.convert import ConversionError, load_llm
 from metamorph.convert.__main__ import main as convert_main
-from metamorph.convert.tensors import read_safetensors, write_safetensors
+from metamorph.convert.tensors import load_module_params, module_params, read_safetensors, write_safetensors
 from tests.llama_fixtures import save_hf_llama
 
 
@@ -146,3 +146,16 @@ def test_cli_help_lists_commands():
                        text=True, check=True).stdout
   for command in ("llm", "siglip", "export-hf"):
     assert command in out
+
+
+def test_parameters_of_another_model_version_are_named():
+  """A saved model whose parameter names differ from the code's (an older version of a
+  module) is an error naming the file, the names and what to do."""
+  from flax import nnx
+  module = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  tensors = module_params(module)
+  old = {"kernel": tensors["kernel"], "scale": np.ones(2, np.float32)}
+  with pytest.raises(ConversionError, match=r"old/model\.safetensors: parameters do not match the model: "
+                                            r"missing \['bias'\], unexpected \['scale'\] .*train it again"):
+    load_module_params(module, old, "old/model.safetensors")
+  load_module_params(module, tensors, "new")  # the same names load

@@ -39,10 +39,13 @@ def _records(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _images(record: dict, world: str) -> list[Image.Image]:
+def _image_names(record: dict) -> list[str]:
   names = record.get("image") or []
-  names = [names] if isinstance(names, str) else names
-  return [load_image(os.path.join(world, "images", n), where=record["id"]) for n in names]
+  return [names] if isinstance(names, str) else names
+
+
+def _images(record: dict, world: str) -> list[Image.Image]:
+  return [load_image(os.path.join(world, "images", n), where=record["id"]) for n in _image_names(record)]
 
 
 def _batches(items: Sequence, desc: str):
@@ -58,8 +61,7 @@ def _single_turn(record: dict) -> bool:
 def scene(record: dict) -> str:
   """What a graded question looks at: "one object", "2 objects" (one image), "2 images",
   "3 frames" (video), from the record's images and ``meta.objects``; "" when unknown."""
-  images, objects = record.get("image") or [], record.get("meta", {}).get("objects")
-  images = [images] if isinstance(images, str) else images
+  images, objects = _image_names(record), record.get("meta", {}).get("objects")
   if record.get("task") == "video_qa":
     return f"{len(images)} frames"
   if len(images) > 1:

@@ -147,7 +147,8 @@ def load_module_params(module: nnx.Module, tensors: Mapping[str, np.ndarray], so
   if missing or unexpected:
     raise ConversionError(
         f"{source}: parameters do not match the model: missing {missing[:5]}, "
-        f"unexpected {unexpected[:5]}")
+        f"unexpected {unexpected[:5]} (a checkpoint of another model or of an older version "
+        f"of this one: convert or train it again)")
   updates = []
   for path, var in flat:
     key, value = _key(path), tensors[_key(path)]

@@ -139,8 +139,8 @@ class VisualizerConfig(ModelConfig):
     visualizer, decoding shape from the tokens, into a cheap regression; the UNet
     then learns to refine a draft, which is fast.
   draft_strength: with a draft, sampling starts from the draft noised to this fraction of
-    the schedule and runs the last ``int(steps * draft_strength)`` steps (SDEdit; diffusers'
-    img2img ``strength``); 1 = from pure noise, the reference. Sampling only.
+    the schedule and runs the last ``strength_steps(steps, draft_strength)`` steps (SDEdit;
+    diffusers' img2img ``strength``); 1 = from pure noise, the reference. Sampling only.
   unet / vae: kwargs of diffusers' ``FlaxUNet2DConditionModel`` / ``FlaxAutoencoderKL``
     (without ``dtype``; missing keys take diffusers' defaults). NB diffusers'
     ``attention_head_dim`` is the number of heads.
@@ -819,9 +819,8 @@ class Visualizer(nnx.Module):
     cond = self.condition(tokens)
     shape = (tokens.shape[0], c.channels, c.sample_size, c.sample_size)
     eps_fn = lambda x, t: self.guided_prediction(x, t, cond, guidance, use_cfg)
-    init = cond.draft if c.draft_strength < 1.0 else None
     return self.decode(denoise(c, eps_fn, shape, steps=steps, rng=rng, sampler=sampler,
-                               init=init, strength=c.draft_strength))
+                               init=cond.draft, strength=c.draft_strength))
 
 
 def _clipping(config: VisualizerConfig, eps_fn, alphas_cumprod: jax.Array):
@@ -841,12 +840,9 @@ def _clipping(config: VisualizerConfig, eps_fn, alphas_cumprod: jax.Array):
 
 
 def strength_steps(steps: int, strength: float) -> int:
-  """How many of ``steps`` an img2img run at ``strength`` takes (diffusers: int(steps * strength))."""
-  n = min(int(steps * strength), steps)
-  if n < 1:
-    raise ValueError(f"draft_strength {strength} leaves no step of {steps}: use at least {1 / steps:.3g} "
-                     f"or more sampling steps")
-  return n
+  """How many of ``steps`` an img2img run at ``strength`` takes: diffusers' int(steps * strength),
+  but at least one (where diffusers would run none)."""
+  return max(1, min(int(steps * strength), steps))
 
 
 def denoise(config: VisualizerConfig, eps_fn, shape: tuple[int, ...], *, steps: int, rng: jax.Array,
@@ -889,8 +885,6 @@ def check_sampling(config: VisualizerConfig, steps, guidance, sampler) -> None:
     raise ValueError(f"steps must be an int >= 1, got {steps!r}")
   if steps > config.num_train_timesteps:
     raise ValueError(f"steps ({steps}) must be at most num_train_timesteps ({config.num_train_timesteps})")
-  if config.draft_strength < 1.0:
-    strength_steps(steps, config.draft_strength)
   g = _static_number(guidance)
   if g is not None and not g >= 0:
     raise ValueError(f"guidance must be >= 0, got {guidance!r}")
