@@ -221,6 +221,11 @@ def evaluate(model_dir: str, world_dir: str, world_info: dict, p: ml_collections
   }
 
 
+def _rate_rows(rates: dict[str, dict[str, Any]]) -> list[str]:
+  """Markdown table rows | group | accuracy | n | of ``_rates``' output."""
+  return [f"| {k} | {_pct(v['accuracy'])} | {v['n']} |" for k, v in rates.items()]
+
+
 def _pct(x) -> str:
   return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -243,10 +248,9 @@ def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: d
            f"Held-out (colour, shape) pairs for generation: {', '.join(results['holdout']) or 'none'}.", "",
            "## Understanding (exact match, validation images)", "",
            f"Overall: **{_pct(u['accuracy'])}** of {u['n']}.", "", "| question type | accuracy | n |", "|---|---|---|"]
-  lines += [f"| {k} | {_pct(v['accuracy'])} | {v['n']} |" for k, v in u["by_type"].items()]
+  lines += _rate_rows(u["by_type"])
   if u.get("by_scene"):
-    lines += ["", "| what the question looks at | accuracy | n |", "|---|---|---|"]
-    lines += [f"| {k} | {_pct(v['accuracy'])} | {v['n']} |" for k, v in u["by_scene"].items()]
+    lines += ["", "| what the question looks at | accuracy | n |", "|---|---|---|", *_rate_rows(u["by_scene"])]
   lines += ["", "## Text-to-image (oracle)", "",
             "| prompts | colour | shape | size | position | all three (c, s, p) | no image | token cosine | n |",
             "|---|---|---|---|---|---|---|---|---|"]
