@@ -17,6 +17,7 @@ What must exist first (from the repository root):
 ``make_setup(config, load_weights=False)`` needs none of them except the GGUF-free
 architecture below (``model.llm``, ``model.siglip.vision``): it builds the abstract state.
 """
+from configs import toy
 from train.defaults import base_config
 
 
@@ -49,8 +50,7 @@ def get_config(stage: str = "vpit"):
   c.model.llm.tie_word_embeddings = True
   c.model.siglip_init = "runs/demo/siglip"
   # configs/toy.py's SigLIP (what runs/demo/siglip holds): used only without weights.
-  c.model.siglip.vision = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3,
-                               num_attention_heads=4, image_size=32, patch_size=8, vision_use_head=True)
+  c.model.siglip.vision = toy.get_config("siglip").model.siglip.vision
   c.model.num_visual_tokens = 16
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"

@@ -241,6 +241,26 @@ def test_configs_round_trip_and_validate():
   assert ours == S.SiglipVisionConfig(**ENCODER, image_size=IMAGE, patch_size=PATCH)
 
 
+def test_window_attention_keeps_each_token_to_its_block(hf_models, images):
+  """attention_window=3 on the 6 x 6 grid: changing the top-left 3 x 3 patches (12 x 12 px)
+  moves exactly the tokens of that block; a window of the whole grid is global attention."""
+  config = S.SiglipVisionConfig(**ENCODER, image_size=IMAGE, patch_size=PATCH, attention_window=3)
+  windowed = S.SiglipVisionTower(config, rngs=nnx.Rngs(0))
+  x = jnp.asarray(images[1])
+  y = x.at[:, :12, :12].multiply(-1.0)
+  moved = np.abs(np.asarray(windowed.features(x) - windowed.features(y))).max(axis=(0, 2))  # [N]
+  block = (np.arange(36) // 6 < 3) & (np.arange(36) % 6 < 3)
+  assert np.all(moved[block] > 1e-2) and np.all(moved[~block] == 0.0)
+
+  whole = S.SiglipVisionTower(config.replace(attention_window=6), rngs=nnx.Rngs(0))
+  plain = S.SiglipVisionTower(config.replace(attention_window=0), rngs=nnx.Rngs(0))
+  assert np.array_equal(whole(x).pooled, plain(x).pooled)
+  assert whole.config.attention_mask().all() and plain.config.attention_mask() is None
+  for bad in (4, -1):
+    with pytest.raises(ValueError, match="attention_window must be 0 .global. or divide the 6"):
+      config.replace(attention_window=bad)
+
+
 def test_jit_under_a_mesh_with_the_axis_rules():
   """The sharding annotations fit every activation's rank inside a (1, 1, 1) mesh."""
   config = S.SiglipConfig(S.SiglipVisionConfig(**ENCODER, image_size=IMAGE, patch_size=PATCH),

@@ -93,6 +93,10 @@ class SiglipVisionConfig(_EncoderConfig):
   patch_size: int = 16
   num_channels: int = 3
   vision_use_head: bool = True  # the multi-head attention pooling (MAP) head
+  # 0: global attention (SigLIP). w > 0: each patch attends only within its w x w block of
+  # patches (non-overlapping windows, as ViTDet's window blocks), so each token describes its
+  # own block; the MAP head still pools over all of them. Not a transformers field.
+  attention_window: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "image_size", _square_size(self.image_size, "image_size"))
@@ -102,6 +106,10 @@ class SiglipVisionConfig(_EncoderConfig):
     # patch are dropped: SO400M/14@384 has 27 x 27 patches
     if self.image_size < self.patch_size:
       raise ValueError(f"image_size ({self.image_size}) must be at least patch_size ({self.patch_size})")
+    w = self.attention_window
+    if w < 0 or (w and self.grid_size % w):
+      raise ValueError(f"attention_window must be 0 (global) or divide the {self.grid_size} patches "
+                       f"per side, got {w}")
 
   @property
   def grid_size(self) -> int:
@@ -111,6 +119,15 @@ class SiglipVisionConfig(_EncoderConfig):
   @property
   def num_patches(self) -> int:
     return self.grid_size ** 2
+
+  def attention_mask(self) -> np.ndarray | None:
+    """None (global attention), or bool [N, N]: True where patch i may attend to patch j,
+    i.e. both lie in the same ``attention_window`` block of the row-major grid."""
+    if not self.attention_window:
+      return None
+    rows, cols = np.divmod(np.arange(self.num_patches), self.grid_size)
+    block = (rows // self.attention_window) * self.grid_size + cols // self.attention_window  # [N]
+    return block[:, None] == block[None, :]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,15 +220,16 @@ class MultiHeadAttention(nnx.Module):
     self.value = _dense(d, (h, dh), ("embed", "heads", "head_dim"), config, rngs)
     self.out = _dense((h, dh), d, ("heads", "head_dim", "embed"), config, rngs, axis=(-2, -1))
 
-  def __call__(self, x_q: jax.Array, x_kv: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
-    """x_q [B, T, D], x_kv [B, S, D], key_mask [B, S] bool (True = attend) -> [B, T, D]."""
+  def __call__(self, x_q: jax.Array, x_kv: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x_q [B, T, D], x_kv [B, S, D], mask bool broadcastable to [B, T, S] (True = attend)
+    -> [B, T, D]."""
     q = constrain(self.query(x_q), "batch", "length", "act_heads", None)  # [B, T, H, Dh]
     k = constrain(self.key(x_kv), "batch", "length", "act_heads", None)   # [B, S, H, Dh]
     v = constrain(self.value(x_kv), "batch", "length", "act_heads", None)
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(q.shape[-1])  # [B, H, T, S] float32
-    if key_mask is not None:
-      scores = jnp.where(key_mask[:, None, None, :], scores, _NEG_INF)
+    if mask is not None:
+      scores = jnp.where(jnp.asarray(mask)[..., None, :, :], scores, _NEG_INF)  # over heads
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return self.out(jnp.einsum("bhts,bshd->bthd", probs, v))
 
@@ -241,10 +259,10 @@ class EncoderLayer(nnx.Module):
     self.ln2 = _layer_norm(config, rngs)
     self.mlp = Mlp(config, rngs=rngs)
 
-  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
-    """[B, T, D] -> [B, T, D]."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x [B, T, D], mask as ``MultiHeadAttention``'s -> [B, T, D]."""
     h = self.ln1(x)
-    x = x + self.attn(h, h, key_mask)
+    x = x + self.attn(h, h, mask)
     x = x + self.mlp(self.ln2(x))
     return constrain(x, "batch", "length", "act_embed")
 
@@ -255,12 +273,13 @@ class Encoder(nnx.Module):
   def __init__(self, config: _EncoderConfig, *, rngs: nnx.Rngs):
     self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
 
-  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None, *,
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
                return_hidden_states: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
-    """x [B, T, D] -> (last layer output [B, T, D], (x, layer 1, ..., layer L) or None)."""
+    """x [B, T, D], mask as ``MultiHeadAttention``'s -> (last layer output [B, T, D],
+    (x, layer 1, ..., layer L) or None)."""
     states = [x]
     for layer in self.layers:
-      x = layer(x, key_mask)
+      x = layer(x, mask)
       states.append(x)
     return x, tuple(states) if return_hidden_states else None
 
@@ -330,10 +349,11 @@ class SiglipVisionTower(nnx.Module):
 
   def features(self, images: jax.Array) -> jax.Array:
     """[B, H, W, C] -> last encoder layer output [B, N, D], before ``post_ln``."""
-    return self.encoder(self.embed(images))[0]
+    return self.encoder(self.embed(images), self.config.attention_mask())[0]
 
   def __call__(self, images: jax.Array, *, return_hidden_states: bool = False) -> SiglipVisionOutput:
-    x, states = self.encoder(self.embed(images), return_hidden_states=return_hidden_states)
+    x, states = self.encoder(self.embed(images), self.config.attention_mask(),
+                             return_hidden_states=return_hidden_states)
     last = self.post_ln(x)
     pooled = self.head(last) if self.head is not None else None
     return SiglipVisionOutput(last, pooled, x, states)
@@ -368,7 +388,7 @@ class SiglipTextTower(nnx.Module):
                        f"({self.config.max_position_embeddings})")
     x = self.token_embed(input_ids) + self.pos_embed[:t].astype(self.dtype)  # [B, T, D]
     x = constrain(x, "batch", "length", "act_embed")
-    key_mask = None if attention_mask is None else attention_mask.astype(bool)
+    key_mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, :]  # [B, 1, T]
     x, states = self.encoder(x, key_mask, return_hidden_states=return_hidden_states)
     last = self.final_ln(x)
     return SiglipTextOutput(last, self.head(last[:, -1]), states)
