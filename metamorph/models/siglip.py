@@ -3,7 +3,8 @@
 Numerics follow transformers' ``SiglipVisionModel`` / ``SiglipTextModel``:
 pre-LN encoder layers, tanh-approximated GELU, LayerNorm statistics and softmax
 in float32, matmuls in ``dtype``. Images are NHWC floats already normalised to
-[-1, 1] (mean = std = 0.5).
+[-1, 1] (mean = std = 0.5). One addition: ``SiglipVisionConfig.attention_window``
+(default 0, transformers' global attention) restricts the vision encoder to windows.
 
 Visual tokens (DESIGN.md, "Visual tokens"): the last encoder layer's output
 (before ``post_ln``) on the square patch grid, bilinearly reduced to
