@@ -21,9 +21,10 @@ def get_config():
   c.holdout = "red:triangle,blue:circle,yellow:cross"
   c.tasks = ""                  # the world's task mix ("" = the default mix; see metamorph.data.shapes)
   c.presets = ml_collections.ConfigDict()
-  # world / validation / captions: records of the train, validation and captions (SigLIP) splits
+  # world / validation / captions: records of the train, validation and captions (SigLIP) splits.
+  # Visualizer 600 steps, not 400: text-to-image 71.5 -> 75.6% (seen), editing 60 -> 65%, +80 s
   c.presets.full = _preset(world=20000, validation=1000, captions=20000, siglip_steps=2400,
-                           visualizer_steps=400, connector_steps=50, vpit_steps=1000,
+                           visualizer_steps=600, connector_steps=50, vpit_steps=1000,
                            eval_understanding=300, eval_edit=60,
                            eval_t2i=0, render_steps=10, render_guidance=1.0)
   c.presets.quick = _preset(world=600, validation=100, captions=600, siglip_steps=10, visualizer_steps=10,
