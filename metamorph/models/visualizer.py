@@ -569,7 +569,8 @@ class DraftDecoder(nnx.Module):
   """Visual tokens [B, m, Dv] -> a draft of the clean sample [B, C, S, S] (NCHW, the UNet's
   layout), by regression. Each token: fc1 (Dv -> 8w) -> GELU; the m tokens' features are
   mixed by a learned [m, m] matrix ``mix`` (identity at init), since an encoder's tokens
-  each carry the whole image rather than their own cell; then fc2 (-> r*r*w/2), unfolded
+  carry more than their own cell (SigLIP's each the whole image, the toy's windowed
+  encoder's its 2 x 2-cell quadrant); then fc2 (-> r*r*w/2), unfolded
   over the r x r pixels the token's grid cell covers (r = S / sqrt(m)); then three 3x3
   convs (w/2 -> w -> w -> C, GELU between) mix neighbouring cells. w = ``draft_width``.
   Params: fc1/{kernel,bias}, mix, fc2/..., conv1/..., conv2/..., conv3/...."""
