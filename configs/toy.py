@@ -1,7 +1,7 @@
 """The shapes world on a CPU: ``--config configs/toy.py:STAGE`` with STAGE in
-siglip, visualizer, connector, vpit (in that order; each later stage reads
+siglip, visualizer, (language,) connector, vpit (in that order; each later stage reads
 runs/demo/STAGE). Data: ``python -m metamorph.data.shapes --out runs/demo/world``.
-``python -m train.demo`` (``make demo``) runs all four from these settings."""
+``python -m train.demo`` (``make demo``) runs them from these settings."""
 from train.defaults import base_config
 
 
@@ -52,8 +52,15 @@ def get_config(stage: str = "vpit"):
     c.optim.lr = 1e-3  # 3e-4 left shape far less linearly readable from the tokens
     c.train.batch_size = 64
     c.train.steps = 2400
-  elif stage in ("connector", "vpit", "visualizer"):
+  elif stage in ("language", "connector", "vpit", "visualizer"):
     c.model.siglip_init = "runs/demo/siglip"
+  if stage == "language":
+    # The toy LLM starts from scratch; this optional stage stands in for the language
+    # pretraining a real LLM brings (then run the connector with
+    # --config.init_from=runs/demo/language). 1000 steps teach it to compare two words, which
+    # two-image answers need; 300 do not, 600 partly (findings, section 8)
+    c.data.train_split = "language"
+    c.data.images_per_row = 1  # text-only rows: one (empty) image slot
   if stage == "visualizer":
     c.model.visualizer = dict(preset="toy")  # a pixel-space UNet (metamorph.models.visualizer)
     c.optim.lr = 3e-3  # the draft decoder learns shape 3x faster than at 1e-3; the UNet keeps up

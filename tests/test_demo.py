@@ -26,6 +26,13 @@ def test_stage_configs_chain_the_stages(tmp_path):
   assert siglip.train.steps == c.presets.quick.siglip_steps
   vis = workflow.stage_config(c, "visualizer")
   assert vis.model.siglip_init == os.path.join(root, "siglip") and vis.train.sample_every == vis.train.steps
+  language = workflow.stage_config(c, "language", root="/mix", shared=root)
+  assert language.data.train_split == "language" and language.model.siglip_init == os.path.join(root, "siglip")
+  assert workflow.stage_config(c, "connector", root="/mix", shared=root).init_from == os.path.join(root, "language")
+  c.presets.quick.language_steps = 0  # no language stage: skipped, and the connector starts from scratch
+  assert workflow.stage_config(c, "connector").init_from == ""
+  assert workflow.train_stage(c, "language") == {"steps": 0, "seconds": 0.0}  # there is no world to train on
+  assert not os.path.exists(os.path.join(root, "language"))
   vpit = workflow.stage_config(c, "vpit", root="/mix", shared=root)
   assert vpit.init_from == "/mix/connector"
   assert vpit.data.tokenizer == "/mix/world/tokenizer"

@@ -2,6 +2,7 @@
 import collections
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -158,6 +159,52 @@ def test_meta_targets_match_the_pngs(world):
   assert set(checked) == set(shapes_tasks.GENERATION_TASKS)
 
 
+def _phrase(obj: dict, attr: str) -> str:
+  """How a worked comparison names an attribute, from the oracle's reading."""
+  return {"shape": f"a {obj['shape']}", "position": shapes_tasks.WHERE[obj["position"]]}.get(attr, obj[attr])
+
+
+def _verdict(kind: str, question: str, a: dict, b: dict) -> str:
+  attr = {"which_shape": "shape", "which_color": "color", "which_larger": "size"}.get(kind, kind[5:])
+  if kind.startswith("same_"):
+    return "yes" if a[attr] == b[attr] else "no"
+  first = a["size"] == "large" if kind == "which_larger" else bool(re.search(rf"\b{a[attr]}\b", question))
+  return "the first" if first else "the second"
+
+
+def test_comparisons_are_worked_and_right():
+  """A two-image answer names each image's attribute as the oracle reads it, then the
+  right verdict; a comparison told in words (text task) is answered the same way."""
+  kinds = collections.Counter()
+  for i in range(80):
+    record, images = shapes_tasks.make_example(2, i, tasks="multi_image")
+    kind, question = record["meta"]["questions"][0], record["conversations"][0]["value"]
+    a, b = (oracle.read_objects(Image.fromarray(img))[0] for img in images)
+    attr = {"which_shape": "shape", "which_color": "color", "which_larger": "size"}.get(kind, kind[5:])
+    verdict = _verdict(kind, question, a, b)
+    assert record["conversations"][1]["value"] == \
+      f"The first is {_phrase(a, attr)}, the second is {_phrase(b, attr)}: {verdict}.", record
+    assert record["meta"]["answers"] == [verdict]
+    kinds[kind] += 1
+  assert set(kinds) == set(shapes_tasks.MULTI_KINDS)
+  told = 0
+  for i in range(80):
+    record, _ = shapes_tasks.make_example(2, i, tasks="text")
+    kind = record["meta"]["questions"][0]
+    if kind not in shapes_tasks.MULTI_KINDS:
+      continue
+    question = record["conversations"][0]["value"]
+    descs = [dict(zip(("size", "color", "shape", "position"), m.groups())) for m in
+             re.finditer(r"a (small|large) (\w+) (\w+) (?:on the |at the |in the )(\w+)", question)]
+    a, b = descs
+    attr = {"which_shape": "shape", "which_color": "color", "which_larger": "size"}.get(kind, kind[5:])
+    tail = question.split(". ", 1)[1]
+    assert record["conversations"][1]["value"] == \
+      f"The first is {_phrase(a, attr)}, the second is {_phrase(b, attr)}: {_verdict(kind, tail, a, b)}."
+    told += 1
+  assert 20 <= told <= 60  # about half the text records (TEXT_COMPARISON_PROB)
+
+
 def test_motion_is_a_straight_line():
   rng = np.random.default_rng(0)
   for _ in range(50):
@@ -208,7 +255,8 @@ def test_argument_errors():
 
 def test_cli(tmp_path, capsys):
   out = str(tmp_path / "w")
-  assert shapes.main(["--out", out, "--n", "30", "--val-n", "10", "--captions-n", "12", "--seed", "2",
+  assert shapes.main(["--out", out, "--n", "30", "--val-n", "10", "--captions-n", "12", "--language-n", "9",
+                      "--seed", "2",
                       "--holdout", "red:circle", "--tasks", "qa,t2i,edit", "--quiet"]) == 0
   with open(os.path.join(out, "world.json")) as f:
     world = json.load(f)
@@ -228,6 +276,11 @@ def test_cli(tmp_path, capsys):
     [human, gpt] = r["conversations"]
     assert r["meta"]["questions"] == ["caption"] and r["meta"]["answers"] == [gpt["value"]]
     assert human["value"].startswith(IMAGE + "\n") and len(r["image"]) == 1
+  # the language split: text-only records, no images
+  assert world["counts"]["language"] == {"text": 9}
+  assert world["tfds"]["drop_counts"]["language"]["kept"] == 9
+  with open(os.path.join(out, "language.jsonl")) as f:
+    assert not any("image" in json.loads(line) for line in f)
   with open(os.path.join(out, "validation.jsonl")) as f:
     for line in f:
       for image in json.loads(line).get("image", []):
@@ -236,7 +289,8 @@ def test_cli(tmp_path, capsys):
                         (["--out", str(tmp_path / "x"), "--holdout", "pink:circle"], "red, green, blue"),
                         (["--out", str(tmp_path / "x"), "--tasks", "qa,pizza"], "unknown task"),
                         (["--out", str(tmp_path / "x"), "--image-size", "8"], "--image-size"),
-                        (["--out", str(tmp_path / "x"), "--captions-n", "-1"], "--captions-n")]:
+                        (["--out", str(tmp_path / "x"), "--captions-n", "-1"], "--captions-n"),
+                        (["--out", str(tmp_path / "x"), "--language-n", "-1"], "--language-n")]:
     with pytest.raises(SystemExit) as e:
       shapes.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err

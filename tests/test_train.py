@@ -56,9 +56,11 @@ def _train_on_one_batch(config, steps: int = 8):
   return losses, before, (_flat(state.params), _flat(state.frozen)), s
 
 
-@pytest.mark.parametrize("stage", ["siglip", "connector", "vpit", "visualizer"])
+@pytest.mark.parametrize("stage", ["siglip", "language", "connector", "vpit", "visualizer"])
 def test_stage_learns_and_frozen_params_do_not_move(stage, tiny_world, siglip_run):
   overrides = {} if stage == "siglip" else {"model.siglip_init": siglip_run}
+  if stage == "connector":  # only the projector and two embedding rows train: a projector's lr
+    overrides["optim.lr"] = 1e-2
   if stage == "visualizer":  # noise and timesteps are drawn anew each step: average them out
     overrides.update({"model.visualizer": {"preset": "toy", "block_out_channels": (32, 32, 32)},
                       "train.batch_size": 32})
@@ -70,6 +72,9 @@ def test_stage_learns_and_frozen_params_do_not_move(stage, tiny_world, siglip_ru
     np.testing.assert_array_equal(frozen1[path], value, err_msg=str(path))
   moved = [p for p in params0 if not np.array_equal(params0[p], params1[p])]
   assert moved, "nothing trained"
+  if stage == "language":
+    assert {p[0] for p in params0} == {"llm"}
+    assert {p[0] for p in frozen0} == {"projector", "vision", "vision_head"}
   if stage == "connector":
     assert {p[0] for p in params0} == {"llm", "projector"}
     assert {p[0] for p in frozen0} == {"llm", "vision", "vision_head"}

@@ -11,9 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_tiny_world(out_dir: str) -> str:
-  """200 train / 40 validation / 64 caption records at 16 px, red circles held out."""
+  """200 train / 40 validation / 64 caption / 64 text-only records at 16 px, red circles
+  held out."""
   shapes.build_world(out_dir, n=200, seed=0, holdout=["red:circle"], image_size=16, val_n=40, progress=False,
-                     captions_n=64)
+                     captions_n=64, language_n=64)
   return out_dir
 
 

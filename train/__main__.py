@@ -1,6 +1,6 @@
 """Training job: ``python -m train --config configs/NAME.py[:ARG] --workdir DIR [--config.FIELD=VALUE ...]``.
 
-The config's ``stage`` picks what trains (siglip, visualizer, connector, vpit). Rerunning the
+The config's ``stage`` picks what trains (siglip, visualizer, language, connector, vpit). Rerunning the
 same command resumes from the latest checkpoint in DIR. Several processes
 (multi-host): pass --coordinator, --num_processes and --process_id, or rely on
 ``jax.distributed.initialize()``'s auto-detection (TPU pods, SLURM) with

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-STAGES = ("siglip", "connector", "vpit", "visualizer")
+STAGES = ("siglip", "language", "connector", "vpit", "visualizer")
 
 
 def base_config() -> ml_collections.ConfigDict:

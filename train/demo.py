@@ -1,9 +1,9 @@
-"""The main job (``make demo``): build the shapes world, train the four stages, grade.
+"""The main job (``make demo``): build the shapes world, train the five stages, grade.
 
 ``python -m train.demo [--config configs/demo.py] [--config.preset=quick]``
 
 Each stage trains in its own workdir under ``config.workdir`` (``siglip``,
-``visualizer``, ``connector``, ``vpit``) and is resumable; finished stages and an
+``visualizer``, ``language``, ``connector``, ``vpit``) and is resumable; finished stages and an
 up-to-date world are skipped on a rerun (``train.workflow``). The report
 (``report.md``, ``report.json``, PNGs) is written last, see ``train.report``.
 """

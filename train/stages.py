@@ -2,6 +2,8 @@
 how a batch's loss is normalised.
 
   siglip     SigLIP vision + text towers, sigmoid loss on image-caption pairs.
+  language   a toy LLM's pretraining on text-only records: only the LLM trains, text loss
+             (stands in for the pretrained LLM that VPiT starts from).
   connector  VPiT stage 1: only the input projector and the new token rows of the
              embedding (and of an untied LM head) train; no vision loss.
   vpit       VPiT stage 2: everything but the vision encoder trains, with the vision loss.
@@ -72,6 +74,8 @@ def stage(name: str, *, vision_coef: float = 1.0, new_token_ids: tuple[int, ...]
   if name == "siglip":
     return Stage(name, lambda path, v: _is_param(v), _siglip_loss, lambda batch: None,
                  supports_micro_batches=False)
+  if name == "language":
+    return Stage(name, lambda path, v: _is_param(v) and path[0] == "llm", _vpit_loss(0.0), _vpit_counts)
   if name == "connector":
     def trainable(path, v):
       return _is_param(v) and (path[0] == "projector" or path[:2] in (("llm", "embed_tokens"), ("llm", "lm_head")))
@@ -81,7 +85,7 @@ def stage(name: str, *, vision_coef: float = 1.0, new_token_ids: tuple[int, ...]
   if name == "visualizer":
     from metamorph.models.visualizer import VisualizerModel
     return Stage(name, VisualizerModel.TRAINABLE, _visualizer_loss, lambda batch: batch["images"].shape[0])
-  raise ValueError(f"unknown stage {name!r}; use one of siglip, connector, vpit, visualizer")
+  raise ValueError(f"unknown stage {name!r}; use one of siglip, language, connector, vpit, visualizer")
 
 
 def mask_new_token_rows(grads: nnx.State, token_ids: tuple[int, ...]) -> nnx.State:

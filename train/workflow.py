@@ -1,4 +1,4 @@
-"""The demo's building blocks: the shapes world and the four stages of configs/toy.py,
+"""The demo's building blocks: the shapes world and the five stages of configs/toy.py,
 each in its own resumable workdir (used by ``train.demo`` and ``train.experiments``).
 
 A stage that finished (``STAGE/done.json`` records its steps and config) is skipped on
@@ -17,7 +17,8 @@ from flax.traverse_util import flatten_dict
 
 from metamorph.convert.tensors import read_json
 
-STAGES = ("siglip", "visualizer", "connector", "vpit")  # in training order
+STAGES = ("siglip", "visualizer", "language", "connector", "vpit")  # in training order
+SHARED_STAGES = ("siglip", "visualizer", "language")  # what train.experiments runs share
 DONE_FILE = "done.json"
 
 
@@ -39,8 +40,8 @@ def _load_stage_config(path: str, stage: str) -> ml_collections.ConfigDict:
 def stage_config(config: ml_collections.ConfigDict, stage: str, root: str | None = None,
                  shared: str | None = None) -> ml_collections.ConfigDict:
   """configs/toy.py's config for ``stage``, pointed at the world and earlier stages under
-  ``root`` (default ``config.workdir``); the siglip and visualizer stages under ``shared``
-  (default ``root``)."""
+  ``root`` (default ``config.workdir``); the ``SHARED_STAGES`` under ``shared`` (default
+  ``root``)."""
   p = preset(config)
   root = root or config.workdir
   shared = shared or root
@@ -58,24 +59,26 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, root: str | None
     c.train.sample_every = c.train.steps
   if stage in ("connector", "vpit"):
     c.model.visualizer_from = os.path.join(shared, "visualizer")
+  if stage == "connector":  # from the language stage's LLM, else from a random one
+    c.init_from = os.path.join(shared, "language") if p.language_steps else ""
   if stage == "vpit":
     c.init_from = os.path.join(root, "connector")
   return c
 
 
 def build_world(config: ml_collections.ConfigDict, root: str | None = None, tasks: str | None = None,
-                captions: bool = True) -> dict:
+                shared_splits: bool = True) -> dict:
   """The shapes world under ``ROOT/world`` (default root ``config.workdir``, task mix
-  ``config.tasks``; the SigLIP stage's ``captions`` split unless ``captions`` is False),
-  unless one with the same settings is there."""
+  ``config.tasks``; the ``captions`` and ``language`` splits of the SigLIP and language
+  stages unless ``shared_splits`` is False), unless one with the same settings is there."""
   from metamorph.data import shapes, shapes_tasks
   p, out = preset(config), os.path.join(root or config.workdir, "world")
   size = shapes.DEFAULT_SIZE
   tasks = config.tasks if tasks is None else tasks
   holdout = shapes_tasks.normalize_holdout([s for s in config.holdout.split(",") if s.strip()])
-  captions_n = p.captions if captions else 0
-  want = {"n": p.world, "val_n": p.validation, "captions_n": captions_n, "seed": config.seed,
-          "image_size": size, "holdout": [f"{c}:{s}" for c, s in holdout],
+  captions_n, language_n = (p.captions, p.language) if shared_splits else (0, 0)
+  want = {"n": p.world, "val_n": p.validation, "captions_n": captions_n, "language_n": language_n,
+          "seed": config.seed, "image_size": size, "holdout": [f"{c}:{s}" for c, s in holdout],
           "tasks": shapes_tasks.resolve_mix(tasks or None)}
   path = os.path.join(out, shapes.WORLD_FILE)
   if os.path.isfile(path):
@@ -84,9 +87,10 @@ def build_world(config: ml_collections.ConfigDict, root: str | None = None, task
       print(f"world: {out} is up to date ({p.world} records)")
       return world
     print(f"world: {out} was built with other settings; rebuilding")
-  print(f"world: building {p.world} + {p.validation} records (+ {captions_n} captions) in {out}")
+  print(f"world: building {p.world} + {p.validation} records (+ {captions_n} captions, "
+        f"{language_n} text-only) in {out}")
   return shapes.build_world(out, p.world, config.seed, holdout, size, p.validation, tasks or None,
-                            captions_n=captions_n)
+                            captions_n=captions_n, language_n=language_n)
 
 
 def _done(workdir: str) -> dict | None:
@@ -102,11 +106,15 @@ def _changed(old: dict, new: dict) -> list[str]:
 
 def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None = None,
                 shared: str | None = None) -> dict:
-  """Trains one stage in ``ROOT/STAGE`` (resuming, or skipping it when done); returns its
-  done record. ``root`` and ``shared`` as in ``stage_config``."""
+  """Trains one stage in ``ROOT/STAGE`` (resuming, or skipping it when done or when the
+  preset gives it 0 steps); returns its done record. ``root`` and ``shared`` as in
+  ``stage_config``."""
   from train.trainer import run
   workdir = os.path.join(root or config.workdir, stage)
   c = stage_config(config, stage, root, shared)
+  if c.train.steps == 0:
+    print(f"{stage}: 0 steps in this preset, skipped")
+    return {"steps": 0, "seconds": 0.0}
   wanted = json.loads(c.to_json())
   done = _done(workdir)
   if done is not None:

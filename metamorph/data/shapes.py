@@ -279,18 +279,22 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
 # --- command line -----------------------------------------------------------------
 
 WORLD_FILE = "world.json"
-SPLITS = ("train", "validation", "captions")  # captions: image-caption pairs for the SigLIP stage
+# captions: image-caption pairs for the SigLIP stage; language: text-only records for the toy
+# LLM's language stage (train.stages), which stands in for a pretrained LLM
+SPLITS = ("train", "validation", "captions", "language")
+SPLIT_TASKS = {"captions": {"caption": 1.0}, "language": {"text": 1.0}}  # else the world's mix
 DATASET_NAME = "shapes_world"  # the TFDS dataset under OUT/tfds
 
 
 def build_world(out_dir: str, n: int, seed: int = 0, holdout: Sequence[str | Sequence[str]] = (),
                 image_size: int = DEFAULT_SIZE, val_n: int = 1000, tasks: str | None = None,
-                progress: bool = True, captions_n: int = 0) -> dict:
+                progress: bool = True, captions_n: int = 0, language_n: int = 0) -> dict:
   """Writes a whole world under ``out_dir`` and returns what ``world.json`` holds.
 
   Files: ``train.jsonl`` (n records of the ``tasks`` mix), ``validation.jsonl``
-  (val_n records) and ``captions.jsonl`` (captions_n image-caption records, the
-  SigLIP stage's training data), each from its own seed stream (see
+  (val_n records), ``captions.jsonl`` (captions_n image-caption records, the
+  SigLIP stage's training data) and ``language.jsonl`` (language_n text-only records,
+  the language stage's), each from its own seed stream (see
   ``shapes_tasks.example_rng``); their PNGs under ``images/``, ``eval_t2i.jsonl``
   (text-to-image prompts of held-out and seen pairs), the tokenizer under
   ``tokenizer/`` and ``world.json``.
@@ -302,17 +306,17 @@ def build_world(out_dir: str, n: int, seed: int = 0, holdout: Sequence[str | Seq
   pairs = shapes_tasks.normalize_holdout(holdout)
   mix = shapes_tasks.resolve_mix(tasks)
   counts, files = {}, {}
-  for split, size in zip(SPLITS, (n, val_n, captions_n)):
+  for split, size in zip(SPLITS, (n, val_n, captions_n, language_n)):
     if size > 0:
-      split_mix = {"caption": 1.0} if split == "captions" else mix
-      counts[split] = shapes_tasks.write_world(out_dir, size, seed, pairs, image_size, split_mix, split,
-                                               progress)
+      counts[split] = shapes_tasks.write_world(out_dir, size, seed, pairs, image_size,
+                                               SPLIT_TASKS.get(split, mix), split, progress)
       files[split] = f"{split}.jsonl"
   path, n_eval = shapes_tasks.write_eval_prompts(out_dir, pairs, seed)
   files["eval_t2i"] = os.path.basename(path)
   tokenizer = world_tokenizer.build_world_tokenizer(os.path.join(out_dir, "tokenizer"))
   world = {
-    "args": {"n": n, "val_n": val_n, "captions_n": captions_n, "seed": seed, "image_size": image_size,
+    "args": {"n": n, "val_n": val_n, "captions_n": captions_n, "language_n": language_n, "seed": seed,
+             "image_size": image_size,
              "holdout": [f"{c}:{s}" for c, s in pairs], "tasks": mix},
     "holdout": [list(p) for p in pairs],
     "counts": counts,
@@ -354,6 +358,9 @@ def _parser():
   parser.add_argument("--captions-n", type=int, default=20000,
                       help="image-caption records of the 'captions' split, the SigLIP stage's data "
                            "(default 20000; 0: none)")
+  parser.add_argument("--language-n", type=int, default=4000,
+                      help="text-only records of the 'language' split, the language stage's data "
+                           "(default 4000; 0: none)")
   parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
   parser.add_argument("--holdout", nargs="+", action="extend", default=[], metavar="COLOR:SHAPE",
                       help="(colour, shape) pairs never generated in training, e.g. red:circle "
@@ -377,9 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   from metamorph.data import shapes_tasks
   parser = _parser()
   args = parser.parse_args(argv)
-  if args.n < 1 or args.val_n < 0 or args.captions_n < 0:
-    parser.error(f"--n must be >= 1, --val-n and --captions-n >= 0, got {args.n}, {args.val_n} "
-                 f"and {args.captions_n}")
+  if args.n < 1 or min(args.val_n, args.captions_n, args.language_n) < 0:
+    parser.error(f"--n must be >= 1, --val-n, --captions-n and --language-n >= 0, got {args.n}, "
+                 f"{args.val_n}, {args.captions_n} and {args.language_n}")
   if args.seed < 0:
     parser.error(f"--seed must be >= 0, got {args.seed}")
   if args.image_size < MIN_SIZE:
@@ -393,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if os.path.exists(os.path.join(args.out, WORLD_FILE)) and not args.overwrite:
     parser.error(f"{args.out} already holds a world ({WORLD_FILE}); pass --overwrite to replace it")
   world = build_world(args.out, args.n, args.seed, holdout, args.image_size, args.val_n, args.tasks,
-                      progress=not args.quiet, captions_n=args.captions_n)
+                      progress=not args.quiet, captions_n=args.captions_n, language_n=args.language_n)
   for split, counts in world["counts"].items():
     print(f"{split}: {sum(counts.values())} records " + ", ".join(f"{k} {v}" for k, v in counts.items()))
   print(f"wrote {args.out} (holdout {world['args']['holdout'] or 'none'}, "

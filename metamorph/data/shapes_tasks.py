@@ -18,7 +18,9 @@ Task kinds (``TASKS``):
   next_frame   2-3 frames of an object moving in a straight line -> the next frame.
   video_qa     the same kind of frames -> direction, end position, colour, shape.
   multi_image  two images -> same colour / shape / size / position? which one shows X?
-  text         language-only questions about the world ("Which shape has three corners?").
+               Answered worked: "The first is red, the second is blue: no."
+  text         language-only questions about the world ("Which shape has three corners?"),
+               or (``TEXT_COMPARISON_PROB``) a multi_image comparison told in words.
   caption      an image and its caption only: the image-text pairs of the SigLIP stage
                (the world's ``captions`` split); not in any group or the default mix.
 
@@ -70,6 +72,7 @@ EDIT_KINDS: tuple[str, ...] = ("color", "position", "size", "shape")
 
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 TWO_OBJECT_PROB = 0.3  # qa scenes with two objects
+TEXT_COMPARISON_PROB = 0.5  # text records that are a comparison told in words
 MIN_TRAVEL = 0.25  # least distance (unit coordinates) from the first to the last frame
 NUMBER_WORDS: tuple[str, ...] = (
   "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
@@ -148,7 +151,10 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
   "multi_which_color": ("Which image shows the {color} shape, the first or the second?",),
   "multi_which_larger": ("Which shape is larger, the first or the second?",
                          "Which image shows the larger shape, the first or the second?"),
-  "multi_answer": ("the {ordinal}",),
+  # worked answers: what each image shows, then the verdict ("yes", "no", "the second")
+  "multi_answer": ("The first is {a}, the second is {b}: {verdict}.",),
+  "multi_verdict": ("the {ordinal}",),
+  "multi_told": ("The first image shows {desc}, the second {desc2}. {question}",),
   "fact_corners": ("How many corners does a {shape} have?",),
   "fact_opposite": ("What is the opposite of {word}?",),
   "fact_answer_shape": ("the {shape}",),
@@ -447,9 +453,16 @@ MULTI_KINDS: tuple[str, ...] = (
   "same_color", "same_shape", "same_size", "same_position", "which_shape", "which_color", "which_larger")
 
 
-def task_multi_image(rng: np.random.Generator, holdout: Collection[tuple[str, str]]) -> _Example:
-  """Two images, one object each (any pairs): a comparison question."""
-  ex = _Example("multi_image")
+def _attribute_phrase(s: Shape, attr: str) -> str:
+  """How a worked multi-image answer names ``s``'s ``attr``: "red", "a circle", "on the left"."""
+  if attr == "shape":
+    return TEMPLATES["think_value_shape"][0].format(shape=s.shape)
+  return WHERE[s.position] if attr == "position" else getattr(s, attr)
+
+
+def _comparison(rng: np.random.Generator) -> tuple[str, str, tuple[Shape, Shape], str, str]:
+  """(kind, question, (a, b) placed, worked answer, verdict) of a two-object comparison
+  (any pairs)."""
   kind = _pick(rng, MULTI_KINDS)
   a = shapes.sample_shape(rng)
   if kind.startswith("same_"):
@@ -459,7 +472,7 @@ def task_multi_image(rng: np.random.Generator, holdout: Collection[tuple[str, st
     values = {"color": COLORS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}[attr]
     value = getattr(a, attr) if same else _other(rng, values, getattr(a, attr))
     b = Shape(**{**b.attributes(), attr: value})
-    question, answer = _t(rng, f"multi_{kind}"), YES_NO[0] if same else YES_NO[1]
+    question, verdict = _t(rng, f"multi_{kind}"), YES_NO[0] if same else YES_NO[1]
   else:
     attr = {"which_shape": "shape", "which_color": "color", "which_larger": "size"}[kind]
     values = {"shape": SHAPES, "color": COLORS, "size": SIZES}[attr]
@@ -469,10 +482,21 @@ def task_multi_image(rng: np.random.Generator, holdout: Collection[tuple[str, st
       first = a.size == "large"
     question = _t(rng, f"multi_{kind}", shape=a.shape if first else b.shape,
                   color=a.color if first else b.color)
-    answer = TEMPLATES["multi_answer"][0].format(ordinal=ORDINALS[0 if first else 1])
-  ex.ask(f"{IMAGE}\n{IMAGE}\n{question}", (shapes.place(a, rng),), (shapes.place(b, rng),))
+    verdict = TEMPLATES["multi_verdict"][0].format(ordinal=ORDINALS[0 if first else 1])
+  a, b = shapes.place(a, rng), shapes.place(b, rng)
+  answer = TEMPLATES["multi_answer"][0].format(
+    a=_attribute_phrase(a, attr), b=_attribute_phrase(b, attr), verdict=verdict)
+  return kind, question, (a, b), answer, verdict
+
+
+def task_multi_image(rng: np.random.Generator, holdout: Collection[tuple[str, str]]) -> _Example:
+  """Two images, one object each (any pairs): a comparison question, answered worked:
+  "The first is red, the second is blue: no." (the verdict alone stays at chance; findings 8)."""
+  ex = _Example("multi_image")
+  kind, question, (a, b), answer, verdict = _comparison(rng)
+  ex.ask(f"{IMAGE}\n{IMAGE}\n{question}", (a,), (b,))
   ex.answer(answer)
-  ex.question(kind, answer)
+  ex.question(kind, verdict)
   return ex
 
 
@@ -488,8 +512,15 @@ FACT_POOL = _fact_pool()
 
 
 def task_text(rng: np.random.Generator, holdout: Collection[tuple[str, str]]) -> _Example:
-  """Language-only chat about the world: 1-2 facts."""
+  """Language-only chat about the world: 1-2 facts, or (``TEXT_COMPARISON_PROB``) a
+  multi-image comparison told in words: what the language stage learns to compare from."""
   ex = _Example("text")
+  if rng.random() < TEXT_COMPARISON_PROB:
+    kind, question, (a, b), answer, verdict = _comparison(rng)
+    ex.ask(_t(rng, "multi_told", desc=_desc(a), desc2=_desc(b), question=question))
+    ex.answer(answer)
+    ex.question(kind, verdict)
+    return ex
   for j in rng.permutation(len(FACT_POOL))[:int(_pick(rng, (1, 2)))]:
     kind, questions, answer = FACT_POOL[int(j)]
     ex.ask(_pick(rng, questions))

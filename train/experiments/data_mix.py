@@ -3,8 +3,9 @@
 ``python -m train.experiments.data_mix [--config configs/demo.py] [--config.preset=quick]``
 
 The same connector + VPiT runs (configs/toy.py, the preset's steps) on three worlds
-that differ only in their task mix; the SigLIP encoder and the visualizer are the
-demo's (``WORKDIR/siglip``, ``WORKDIR/visualizer``, trained first when missing).
+that differ only in their task mix; the SigLIP encoder, the visualizer and (when the
+preset has a language stage) the language-stage LLM are the demo's (``WORKDIR/siglip``,
+``WORKDIR/visualizer``, ``WORKDIR/language``, trained first when missing).
 Writes ``WORKDIR/data_mix/results.md``, ``results.json`` and ``results.png``:
 generation accuracy (all three attributes, seen and held-out pairs) and
 understanding accuracy per mix, all graded on the demo world's validation records and
@@ -35,7 +36,7 @@ def run_mix(config, name: str, tasks: str, root: str, reference: dict) -> dict:
   demo's: the same validation records and prompts for every mix)."""
   from train import report, workflow
   mix_root = os.path.join(root, "data_mix", name)
-  world = workflow.build_world(config, mix_root, tasks, captions=False)  # SigLIP is shared
+  world = workflow.build_world(config, mix_root, tasks, shared_splits=False)
   for stage in ("connector", "vpit"):
     workflow.train_stage(config, stage, mix_root, shared=root)
   results = report.evaluate(os.path.join(mix_root, "vpit"), os.path.join(root, "world"), reference,
@@ -100,7 +101,7 @@ def main(argv) -> int:
   config, root = FLAGS.config, FLAGS.config.workdir
   try:
     reference = workflow.build_world(config)
-    for stage in ("siglip", "visualizer"):
+    for stage in workflow.SHARED_STAGES:
       workflow.train_stage(config, stage)
     rows = [_row(name, label, run_mix(config, name, tasks, root, reference))
             for name, (tasks, label) in MIXES.items()]
