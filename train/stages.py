@@ -22,6 +22,7 @@ from flax import nnx
 
 from metamorph.models.metamorph import MetaMorph, loss_masks, vpit_loss
 from metamorph.models.siglip import Siglip
+from train.defaults import STAGES
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -85,7 +86,7 @@ def stage(name: str, *, vision_coef: float = 1.0, new_token_ids: tuple[int, ...]
   if name == "visualizer":
     from metamorph.models.visualizer import VisualizerModel
     return Stage(name, VisualizerModel.TRAINABLE, _visualizer_loss, lambda batch: batch["images"].shape[0])
-  raise ValueError(f"unknown stage {name!r}; use one of siglip, language, connector, vpit, visualizer")
+  raise ValueError(f"unknown stage {name!r}; use one of {', '.join(STAGES)}")
 
 
 def mask_new_token_rows(grads: nnx.State, token_ids: tuple[int, ...]) -> nnx.State:

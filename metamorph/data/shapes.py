@@ -316,8 +316,7 @@ def build_world(out_dir: str, n: int, seed: int = 0, holdout: Sequence[str | Seq
   tokenizer = world_tokenizer.build_world_tokenizer(os.path.join(out_dir, "tokenizer"))
   world = {
     "args": {"n": n, "val_n": val_n, "captions_n": captions_n, "language_n": language_n, "seed": seed,
-             "image_size": image_size,
-             "holdout": [f"{c}:{s}" for c, s in pairs], "tasks": mix},
+             "image_size": image_size, "holdout": [f"{c}:{s}" for c, s in pairs], "tasks": mix},
     "holdout": [list(p) for p in pairs],
     "counts": counts,
     "eval_prompts": n_eval,
