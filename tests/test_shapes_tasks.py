@@ -159,17 +159,17 @@ def test_meta_targets_match_the_pngs(world):
   assert set(checked) == set(shapes_tasks.GENERATION_TASKS)
 
 
-def _phrase(obj: dict, attr: str) -> str:
-  """How a worked comparison names an attribute, from the oracle's reading."""
-  return {"shape": f"a {obj['shape']}", "position": shapes_tasks.WHERE[obj["position"]]}.get(attr, obj[attr])
-
-
-def _verdict(kind: str, question: str, a: dict, b: dict) -> str:
+def _worked_answer(kind: str, question: str, a: dict, b: dict) -> tuple[str, str]:
+  """(answer, verdict) a comparison of ``kind`` must get, from the two objects' attributes."""
   attr = {"which_shape": "shape", "which_color": "color", "which_larger": "size"}.get(kind, kind[5:])
   if kind.startswith("same_"):
-    return "yes" if a[attr] == b[attr] else "no"
-  first = a["size"] == "large" if kind == "which_larger" else bool(re.search(rf"\b{a[attr]}\b", question))
-  return "the first" if first else "the second"
+    verdict = "yes" if a[attr] == b[attr] else "no"
+  else:
+    first = a["size"] == "large" if kind == "which_larger" else bool(re.search(rf"\b{a[attr]}\b", question))
+    verdict = "the first" if first else "the second"
+  def phrase(obj: dict) -> str:
+    return {"shape": f"a {obj['shape']}", "position": shapes_tasks.WHERE[obj["position"]]}.get(attr, obj[attr])
+  return f"The first is {phrase(a)}, the second is {phrase(b)}: {verdict}.", verdict
 
 
 def test_comparisons_are_worked_and_right():
@@ -180,10 +180,8 @@ def test_comparisons_are_worked_and_right():
     record, images = shapes_tasks.make_example(2, i, tasks="multi_image")
     kind, question = record["meta"]["questions"][0], record["conversations"][0]["value"]
     a, b = (oracle.read_objects(Image.fromarray(img))[0] for img in images)
-    attr = {"which_shape": "shape", "which_color": "color", "which_larger": "size"}.get(kind, kind[5:])
-    verdict = _verdict(kind, question, a, b)
-    assert record["conversations"][1]["value"] == \
-      f"The first is {_phrase(a, attr)}, the second is {_phrase(b, attr)}: {verdict}.", record
+    answer, verdict = _worked_answer(kind, question, a, b)
+    assert record["conversations"][1]["value"] == answer, record
     assert record["meta"]["answers"] == [verdict]
     kinds[kind] += 1
   assert set(kinds) == set(shapes_tasks.MULTI_KINDS)
@@ -194,13 +192,10 @@ def test_comparisons_are_worked_and_right():
     if kind not in shapes_tasks.MULTI_KINDS:
       continue
     question = record["conversations"][0]["value"]
-    descs = [dict(zip(("size", "color", "shape", "position"), m.groups())) for m in
-             re.finditer(r"a (small|large) (\w+) (\w+) (?:on the |at the |in the )(\w+)", question)]
-    a, b = descs
-    attr = {"which_shape": "shape", "which_color": "color", "which_larger": "size"}.get(kind, kind[5:])
-    tail = question.split(". ", 1)[1]
-    assert record["conversations"][1]["value"] == \
-      f"The first is {_phrase(a, attr)}, the second is {_phrase(b, attr)}: {_verdict(kind, tail, a, b)}."
+    a, b = [dict(zip(("size", "color", "shape", "position"), m.groups())) for m in
+            re.finditer(r"a (small|large) (\w+) (\w+) (?:on the |at the |in the )(\w+)", question)]
+    answer, _ = _worked_answer(kind, question.split(". ", 1)[1], a, b)
+    assert record["conversations"][1]["value"] == answer, record
     told += 1
   assert 20 <= told <= 60  # about half the text records (TEXT_COMPARISON_PROB)
 
