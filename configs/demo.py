@@ -25,8 +25,9 @@ def get_config():
   # and language (text-only, the language stage's) splits.
   # Visualizer 600 steps, not 400: text-to-image 71.5 -> 75.6% (seen), editing 60 -> 65%, +80 s.
   # language_steps 0: no language stage (the connector starts from a random LLM). 1000 steps
-  # teach the toy LLM to compare: two-image questions 59 -> 93%, understanding 81 -> 91%, but
-  # text-to-image 75 -> 66% and +275 s the 15-minute budget does not have (findings, section 8)
+  # teach the toy LLM to compare: two-image questions 56 -> 93%, understanding 79 -> 92%, at
+  # +243 s; with the visualizer at 400 steps the demo then takes 981 s, over the 15-minute
+  # budget (findings, sections 8 and 9)
   c.presets.full = _preset(world=20000, validation=1000, captions=20000, language=4000, siglip_steps=2400,
                            visualizer_steps=600, language_steps=0, connector_steps=50, vpit_steps=1000,
                            eval_understanding=300, eval_edit=60,
