@@ -58,7 +58,7 @@ def get_config(stage: str = "vpit"):
     # The toy LLM starts from scratch; this optional stage stands in for the language
     # pretraining a real LLM brings (then run the connector with
     # --config.init_from=runs/demo/language). 1000 steps teach it to compare two words, which
-    # two-image answers need; 300 do not, 600 partly (findings, section 8)
+    # two-image answers need; 300 do not, 600-850 partly (findings, sections 8 and 9)
     c.data.train_split = "language"
     c.data.images_per_row = 1  # text-only rows: one (empty) image slot
   if stage == "visualizer":
