@@ -17,6 +17,10 @@ def get_config(stage: str = "vpit"):
   c.data.text_len = 16
 
   c.model.num_visual_tokens = 16
+  # Each visual token's slot (its grid cell) as a learned vector: the LLM need not infer left /
+  # right from RoPE offsets (demo: understanding 79.4 -> 83.8%, two-object questions 79 -> 89%,
+  # text-to-image 86.7 -> 89.3%; findings section 9)
+  c.model.slot_embeddings = True
   c.model.llm.vocab_size = 512   # >= the world tokenizer; image tokens are already in it
   c.model.llm.hidden_size = 128
   c.model.llm.intermediate_size = 384

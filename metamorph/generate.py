@@ -259,10 +259,12 @@ def _decode(graphdef, state, batch: dict[str, jax.Array], sampling: dict[str, ja
         out_visual=s.out_visual.at[rows, slot_image, jnp.clip(s.k, 0, m - 1)].set(vtok, mode="drop"))
     return new, token, in_visual, vtok
 
-  def next_input(token, in_visual, vtok):  # -> [B, 1, D]
+  def next_input(s, token, in_visual, vtok):  # -> [B, 1, D]
     x = llm.embed(token[:, None])
     if visual:
-      x = jnp.where(in_visual[:, None, None], model.projector(vtok[:, None]).astype(x.dtype), x)
+      slot = jnp.clip(s.k - 1, 0, m - 1)  # vtok's index in its image (s.k has moved past it)
+      visual_x = model.project_visual(vtok[:, None], slot[:, None]).astype(x.dtype)  # [B, 1, D]
+      x = jnp.where(in_visual[:, None, None], visual_x, x)
     return x
 
   seen = jnp.zeros((b, llm.config.vocab_size), bool).at[rows[:, None], ids].max(text_slots)
@@ -275,7 +277,7 @@ def _decode(graphdef, state, batch: dict[str, jax.Array], sampling: dict[str, ja
 
   def body(carry):
     (s, token, in_visual, vtok), pos, cache = carry
-    h, cache = llm.forward(next_input(token, in_visual, vtok), positions=pos[:, None], cache=cache)
+    h, cache = llm.forward(next_input(s, token, in_visual, vtok), positions=pos[:, None], cache=cache)
     return decide(s, h[:, 0]), pos + 1, cache
 
   def keep_going(carry):

@@ -1,4 +1,6 @@
 """The unified model: interleaved embedding, the VPiT loss, new image tokens."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,22 @@ def test_embed_interleaves_text_and_projected_visual_tokens(model):
   np.testing.assert_array_equal(embeds[0, 0], text[0, 0])
   np.testing.assert_array_equal(embeds[0, 11], projected[0, 5])
   np.testing.assert_array_equal(embeds[1, 9], projected[1, 1])
+
+
+def test_slot_embeddings_add_one_vector_per_slot():
+  """With ``slot_embeddings`` a visual slot's embedding is the projected token plus the
+  learned vector of its index in its image (visual_index mod m); text is untouched."""
+  model = MetaMorph(dataclasses.replace(_config(), slot_embeddings=True), rngs=nnx.Rngs(0))
+  slots = np.random.default_rng(1).normal(size=(M, 16)).astype(np.float32)
+  model.projector.slots[...] = jnp.asarray(slots)
+  b = _batch()
+  embeds = np.asarray(model.embed(b["input_ids"], b["visual_index"], b["visual_tokens"]))
+  text = np.asarray(model.llm.embed(b["input_ids"]))
+  projected = np.asarray(model.projector(b["visual_tokens"].reshape(2, -1, DV)))
+  np.testing.assert_array_equal(embeds[0, 0], text[0, 0])
+  np.testing.assert_allclose(embeds[0, 11], projected[0, 5] + slots[1], rtol=0, atol=1e-6)  # image 2, slot 1
+  np.testing.assert_allclose(embeds[1, 11], projected[1, 3] + slots[3], rtol=0, atol=1e-6)
+  assert not np.allclose(embeds[0, 11], projected[0, 5], atol=1e-3)
 
 
 def test_vision_head_output_is_unit_norm(model):

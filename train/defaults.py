@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.visualizer_from = ""  # vpit: a visualizer-stage workdir, named in the export for sampling only
   c.model.num_visual_tokens = 16  # m tokens per image
   c.model.vision_coef = 1.0       # forced to 0 in the connector stage
+  c.model.slot_embeddings = False  # a learned vector per visual-token slot after the projector
   c.model.dtype = "float32"       # compute dtype ("bfloat16" on accelerators)
   c.model.param_dtype = "float32"
   c.model.remat = "none"          # "none" | "full" | "dots" (save matmul outputs)

@@ -85,7 +85,8 @@ def metamorph_spec(config: ml_collections.ConfigDict, *, load_weights: bool = Tr
   cfg = MetaMorphConfig(llm=llm_cfg.replace(vocab_size=vocab), vision_dim=vision.hidden_size,
                         num_visual_tokens=config.model.num_visual_tokens,
                         vision_coef=0.0 if config.stage in ("language", "connector") else config.model.vision_coef,
-                        image_start_id=start_id, image_end_id=end_id, vision=vision)
+                        slot_embeddings=config.model.slot_embeddings, image_start_id=start_id,
+                        image_end_id=end_id, vision=vision)
   new_ids = tuple(sorted({start_id, end_id} | set(range(new_start or vocab, vocab)) - {-1}))
   return ModelSpec(cfg, tokenizer, new_ids, llm_params, llm_cfg.vocab_size)
 

@@ -1,7 +1,8 @@
 """The unified MetaMorph model: an LLM that reads and predicts SigLIP visual tokens.
 
 Inputs interleave text tokens and visual slots. A slot's embedding is the input
-projector (mlp2x_gelu) applied to its visual token; the vision head maps the
+projector (mlp2x_gelu) applied to its visual token (with ``slot_embeddings``, plus a
+learned vector for the token's index in its image); the vision head maps the
 last hidden state to an L2-normalised visual token. The VPiT loss is
 cross-entropy on response text plus ``vision_coef`` x (-cosine) between the
 vision head's output at position i and the target visual token at i + 1.
@@ -42,6 +43,9 @@ class MetaMorphConfig(ModelConfig):
   vision_dim: int               # width Dv of the visual tokens (SigLIP hidden size)
   num_visual_tokens: int = 64   # m tokens per image
   vision_coef: float = 1.0      # weight of the cosine loss; 0 in the connector stage
+  # a learned vector per visual slot (a token's index in its image) added after the projector,
+  # so the LLM reads a token's grid cell directly, not from RoPE offsets (toy; off for converted models)
+  slot_embeddings: bool = False
   image_start_id: int = -1      # token ids set by ``add_image_tokens``
   image_end_id: int = -1
   vision: SiglipVisionConfig | None = None  # the (frozen) encoder; None: tokens come from outside
@@ -98,6 +102,10 @@ class MetaMorph(nnx.Module):
       self.vision = None
     self.projector = TwoLayerMLP(config.vision_dim, c.hidden_size, c.hidden_size,
                                  ("vis_embed", "embed"), rngs=rngs, **dtypes)
+    if config.slot_embeddings:  # under projector/: trains wherever the projector does
+      init = logical_init(nnx.initializers.zeros, None, "embed")
+      self.projector.slots = nnx.Param(init(rngs.params(), (config.num_visual_tokens, c.hidden_size),
+                                            dtypes["param_dtype"]))  # [m, H]
     self.vision_head = TwoLayerMLP(c.hidden_size, c.hidden_size, config.vision_dim,
                                    ("embed", "vis_embed"), rngs=rngs, **dtypes)
 
@@ -109,11 +117,19 @@ class MetaMorph(nnx.Module):
     tokens = visual_tokens(self.vision, images.reshape(-1, *images.shape[-3:]), self.config.num_visual_tokens)
     return tokens.reshape(*lead, *tokens.shape[1:])
 
+  def project_visual(self, tokens: jax.Array, slot: jax.Array) -> jax.Array:
+    """Visual tokens [..., Dv] at slots [...] (index in their image) -> embeddings [..., H]."""
+    out = self.projector(tokens)
+    if self.config.slot_embeddings:
+      out = out + self.projector.slots[...][slot].astype(out.dtype)
+    return out
+
   def embed(self, input_ids: jax.Array, visual_index: jax.Array,
             visual_tokens: jax.Array) -> jax.Array:
     """Text embeddings with visual slots replaced by projected visual tokens -> [B, T, H]."""
     text = self.llm.embed(input_ids)  # [B, T, H]
-    visual = self.projector(gather_visual(visual_tokens, visual_index))  # [B, T, H]
+    slot = jnp.maximum(visual_index, 0) % self.config.num_visual_tokens  # [B, T]
+    visual = self.project_visual(gather_visual(visual_tokens, visual_index), slot)  # [B, T, H]
     return constrain(jnp.where((visual_index >= 0)[..., None], visual.astype(text.dtype), text),
                      "batch", "length", "act_embed")
 
