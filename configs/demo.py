@@ -27,8 +27,8 @@ def get_config():
   # language_steps 0: no language stage (the connector starts from a random LLM). 1000 steps
   # teach the toy LLM to compare: two-image questions 56 -> 93%. Paid for by fewer steps
   # elsewhere (language_steps=1000, siglip_steps=1800, visualizer_steps=300, vpit_steps=900):
-  # understanding 79 -> 90%, text-to-image 87 -> 82% (seen), but 867-930 s; 850 steps do not
-  # teach it (findings, section 9)
+  # understanding 79 -> 90%, text-to-image 87 -> 82% (seen), but 867-930 s (both before slot
+  # embeddings); 850 steps do not teach it (findings, section 9)
   c.presets.full = _preset(world=20000, validation=1000, captions=20000, language=4000, siglip_steps=2400,
                            visualizer_steps=600, language_steps=0, connector_steps=50, vpit_steps=1000,
                            eval_understanding=300, eval_edit=60,
