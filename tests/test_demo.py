@@ -98,11 +98,28 @@ def test_report_files(tmp_path):
                                "examples": [{"question": "q", "answer": "a", "expected": "a"}]},
              "text_to_image": {"seen": grades, "heldout": {**grades, "all_three": 0.0}, "gallery": None},
              "editing": {"n": 0}, "loss_plot": None}
-  path = report.write(c, results, {"total": 12.0})
+  host = {"cpu": "AMD EPYC", "vector_isa": "AVX2", "cores": 2, "jax": "0.10.2", "backend": "cpu", "devices": 1}
+  path = report.write(c, results, {"total": 12.0}, host)
   text = (tmp_path / "report.md").read_text()
   assert path == str(tmp_path / "report.md")
   assert "| seen | 100.0% | 50.0% | 100.0% | 100.0% | **50.0%** | 0 | 0.900 | 2 |" in text
   assert "| qa/color | 75.0% | 4 |" in text
   assert "| 2 objects | 50.0% | 2 |" in text
   assert json.loads((tmp_path / "report.json").read_text())["seconds"] == {"total": 12.0}
+  assert json.loads((tmp_path / "report.json").read_text())["machine"] == host
+  assert "Measured on AMD EPYC (2 logical cores, AVX2), JAX 0.10.2 on cpu (1 device)." in text
   assert "understanding 75.0% (n=4)" in report.summary(results)
+
+
+def test_cpu_from_cpuinfo_reads_the_model_and_widest_vector_set():
+  x86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n"
+  assert report.cpu_from_cpuinfo(x86) == ("AMD EPYC", "AVX2")
+  assert report.cpu_from_cpuinfo(x86.replace("avx2", "avx2 avx512f")) == ("AMD EPYC", "AVX-512")
+  assert report.cpu_from_cpuinfo("processor\t: 0\nFeatures\t: fp asimd crc32\n") == (None, "NEON")
+  assert report.cpu_from_cpuinfo("") == (None, None)
+
+
+def test_machine_describes_this_host():
+  m = report.machine()
+  assert m["cores"] == os.cpu_count() and m["backend"] == "cpu" and m["devices"] >= 1
+  assert report.machine_line(m).startswith(f"{m['cpu']} ({os.cpu_count()} logical cores")

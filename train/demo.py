@@ -45,8 +45,10 @@ def main(argv) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   timings["total"] = time.perf_counter() - start
-  path = report.write(config, results, timings)
+  host = report.machine()
+  path = report.write(config, results, timings, host)
   print(report.summary(results))
+  print(f"{timings['total']:.0f} s on {report.machine_line(host)}")
   print(f"report: {path}")
   print("try: python -m decode --checkpoint " + os.path.join(config.workdir, "vpit")
         + ' --prompt "Generate an image of a small green square on the left."')
