@@ -26,10 +26,11 @@ from tqdm import tqdm
 from metamorph.data.images import load_image
 
 GRADED = ("color", "shape", "position")  # "all three"
-VECTOR_ISAS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sve", "SVE"), ("asimd", "NEON"))
 ATTRIBUTES = ("color", "shape", "size", "position")
 BATCH = 32
 MAX_NEW_TOKENS = 48
+# /proc/cpuinfo flag -> vector instruction set, widest first
+VECTOR_ISAS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sve", "SVE"), ("asimd", "NEON"))
 
 
 def _normalize(text: str) -> str:
@@ -254,9 +255,8 @@ def cpu_from_cpuinfo(text: str) -> tuple[str | None, str | None]:
 
 
 def machine() -> dict[str, Any]:
-  """What the timings were measured on: CPU model, logical cores, vector instruction set
-  (one 2-core VM of this project ran the demo twice as fast as another, AVX2 only), JAX
-  version, backend and device count."""
+  """What the timings were measured on: CPU model, logical cores, widest vector instruction
+  set (None where unknown), JAX version, backend and device count."""
   import jax
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -270,6 +270,7 @@ def machine() -> dict[str, Any]:
 
 
 def machine_line(m: dict[str, Any]) -> str:
+  """``machine()``'s record in one line, for the report and the demo's output."""
   isa = f", {m['vector_isa']}" if m.get("vector_isa") else ""
   return (f"{m['cpu']} ({m['cores']} logical cores{isa}), JAX {m['jax']} on {m['backend']} "
           f"({m['devices']} device{'s' if m['devices'] != 1 else ''})")
