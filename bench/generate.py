@@ -52,7 +52,6 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                f"intra_op_parallelism_threads={args.threads}").strip()
 
-  import jax
   import torch
   from flax import nnx
   from transformers import AutoModelForCausalLM
@@ -60,6 +59,7 @@ def main() -> None:
   from metamorph.convert import load_llm, smollm2_gguf_path
   from metamorph.generate import Engine, Prompt, reference_generate
   from metamorph.models.metamorph import MetaMorph, MetaMorphConfig, add_image_tokens
+  from train import machine
 
   path = smollm2_gguf_path()
   llm, tokenizer = load_llm(path)
@@ -71,7 +71,7 @@ def main() -> None:
                                          return_dict=True)["input_ids"]
   n = args.new_tokens
   engine = Engine(llm, eos_ids=())  # no stop token: exactly n new tokens
-  print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}, "
+  print(f"machine: {machine.line(machine.info())}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), XLA threads: {args.threads or 'default'}")
   print(f"SmolLM2-135M greedy decoding, float32, prompt {len(prompt)} tokens, {n} new tokens, "
         f"median of {args.repeats}")

@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from timing import time_it
 
+from train import machine
+
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +46,7 @@ def main() -> None:
   with torch.inference_mode():
     theirs = time_it(lambda: hf(ids_torch), args.repeats)
 
-  print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}, "
+  print(f"machine: {machine.line(machine.info())}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
   print(f"SmolLM2-135M forward, batch {args.batch} x {args.length}, float32, median of {args.repeats}")
   print(f"  ours (jax.jit):         {tokens / ours:10.0f} tokens/s  ({ours * 1e3:.0f} ms)")

@@ -64,6 +64,7 @@ def synthetic_batch(ids: np.ndarray, images: int, m: int, image_size: int, rng) 
 def ours(args, ids: np.ndarray):
   """(seconds per step, FLOPs per token, tokens per step, loss of the first step)."""
   import jax
+
   from configs.smollm2_135m import get_config
   from train import data, trainer
   from train.step import train_step
@@ -100,6 +101,7 @@ def transformers_step(args, ids: np.ndarray):
   """(seconds per step, loss of the first step) of the PyTorch reference."""
   import torch
   from transformers import AutoModelForCausalLM
+
   from metamorph.convert import smollm2_gguf_path
   path = smollm2_gguf_path()
   model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
@@ -132,6 +134,8 @@ def main() -> None:
   args = parser.parse_args()
 
   import jax
+
+  from train import machine
   from train.metrics import peak_flops
   ids = np.random.default_rng(0).integers(0, 49152, (args.batch, args.length))
   ours_s, flops_per_token, tokens, ours_loss = ours(args, ids)
@@ -143,8 +147,7 @@ def main() -> None:
       return f"{achieved / 1e9:.0f} GFLOP/s, MFU n/a (pass --peak-flops)"
     return f"{achieved / 1e9:.0f} GFLOP/s, MFU {achieved / (peak * jax.device_count()):.1%}"
 
-  print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform} "
-        f"({jax.device_count()} device(s))")
+  print(f"machine: {machine.line(machine.info())}")
   print(f"SmolLM2-135M vpit train step, batch {args.batch} x {args.length}, float32, "
         f"{args.images} image(s) per row, median of {args.repeats}; "
         f"{flops_per_token / 1e9:.2f} GFLOP per token")

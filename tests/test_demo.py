@@ -110,16 +110,3 @@ def test_report_files(tmp_path):
   assert "Measured on AMD EPYC (2 logical cores, AVX2), JAX 0.10.2 on cpu (1 device)." in text
   assert "understanding 75.0% (n=4)" in report.summary(results)
 
-
-def test_cpu_from_cpuinfo_reads_the_model_and_widest_vector_set():
-  x86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n"
-  assert report.cpu_from_cpuinfo(x86) == ("AMD EPYC", "AVX2")
-  assert report.cpu_from_cpuinfo(x86.replace("avx2", "avx2 avx512f")) == ("AMD EPYC", "AVX-512")
-  assert report.cpu_from_cpuinfo("processor\t: 0\nFeatures\t: fp asimd crc32\n") == (None, "NEON")
-  assert report.cpu_from_cpuinfo("") == (None, None)
-
-
-def test_machine_describes_this_host():
-  m = report.machine()
-  assert m["cores"] == os.cpu_count() and m["backend"] == "cpu" and m["devices"] >= 1
-  assert report.machine_line(m).startswith(f"{m['cpu']} ({os.cpu_count()} logical cores")

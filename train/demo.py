@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)
-  from train import report
+  from train import machine, report
   from train.workflow import STAGES, build_world, preset, train_stage
   config = FLAGS.config
   start = time.perf_counter()
@@ -45,10 +45,10 @@ def main(argv) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   timings["total"] = time.perf_counter() - start
-  host = report.machine()
+  host = machine.info()
   path = report.write(config, results, timings, host)
   print(report.summary(results))
-  print(f"{timings['total']:.0f} s on {report.machine_line(host)}")
+  print(f"{timings['total']:.0f} s on {machine.line(host)}")
   print(f"report: {path}")
   print("try: python -m decode --checkpoint " + os.path.join(config.workdir, "vpit")
         + ' --prompt "Generate an image of a small green square on the left."')

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
@@ -24,13 +23,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from metamorph.data.images import load_image
+from train import machine
 
 GRADED = ("color", "shape", "position")  # "all three"
 ATTRIBUTES = ("color", "shape", "size", "position")
 BATCH = 32
 MAX_NEW_TOKENS = 48
-# /proc/cpuinfo flag -> vector instruction set, widest first
-VECTOR_ISAS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sve", "SVE"), ("asimd", "NEON"))
 
 
 def _normalize(text: str) -> str:
@@ -241,45 +239,10 @@ def summary(results: dict[str, Any]) -> str:
           f"editing all three {_pct(results['editing'].get('all_three'))}")
 
 
-def cpu_from_cpuinfo(text: str) -> tuple[str | None, str | None]:
-  """(model name, widest vector instruction set) from /proc/cpuinfo's text; None where absent."""
-  model, flags = None, set()
-  for line in text.splitlines():
-    key, _, value = line.partition(":")
-    key = key.strip().lower()
-    if key in ("model name", "cpu model") and model is None:
-      model = value.strip()
-    elif key in ("flags", "features") and not flags:
-      flags = set(value.split())
-  return model, next((name for flag, name in VECTOR_ISAS if flag in flags), None)
-
-
-def machine() -> dict[str, Any]:
-  """What the timings were measured on: CPU model, logical cores, widest vector instruction
-  set (None where unknown), JAX version, backend and device count."""
-  import jax
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu, isa = cpu_from_cpuinfo(f.read())
-  except OSError:  # not Linux
-    cpu, isa = None, None
-  devices = jax.devices()
-  return {"cpu": cpu or platform.processor() or platform.machine(), "vector_isa": isa,
-          "cores": os.cpu_count(), "jax": jax.__version__, "backend": devices[0].platform,
-          "devices": len(devices)}
-
-
-def machine_line(m: dict[str, Any]) -> str:
-  """``machine()``'s record in one line, for the report and the demo's output."""
-  isa = f", {m['vector_isa']}" if m.get("vector_isa") else ""
-  return (f"{m['cpu']} ({m['cores']} logical cores{isa}), JAX {m['jax']} on {m['backend']} "
-          f"({m['devices']} device{'s' if m['devices'] != 1 else ''})")
-
-
 def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: dict[str, float],
           host: dict[str, Any]) -> str:
   """``report.json`` and ``report.md`` in the demo's workdir; returns the markdown's path.
-  ``host``: ``machine()``, what the timings were measured on."""
+  ``host``: ``machine.info()``, what the timings were measured on."""
   root = config.workdir
   with open(os.path.join(root, "report.json"), "w", encoding="utf-8") as f:
     json.dump({**results, "seconds": timings, "machine": host}, f, indent=2)
@@ -308,7 +271,7 @@ def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: d
     lines += ["", "## Samples", "", f"![text-to-image samples]({t['gallery']})"]
   if results.get("loss_plot"):
     lines += ["", "## Loss curves", "", f"![losses]({results['loss_plot']})"]
-  lines += ["", "## Time (seconds)", "", f"Measured on {machine_line(host)}.", "",
+  lines += ["", "## Time (seconds)", "", f"Measured on {machine.line(host)}.", "",
             "| step | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
   lines += ["", "## Example answers", ""]
