@@ -9,7 +9,8 @@ from flax import nnx
 VOCAB = 97
 
 CONFIGS = {
-    "gqa": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2),
+    "gqa": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                initializer_range=0.05),
     "llama3_tied": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=1,
                         tie_word_embeddings=True, rope_theta=500000.0,
                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,

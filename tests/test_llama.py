@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from metamorph.convert import load_llm
 from metamorph.convert import llama as llama_convert
 from metamorph.generate import left_pad
+from metamorph.models.llama import Llama, LlamaConfig
 from tests.llama_fixtures import CONFIGS, VOCAB, hf_logits, our_logits, save_hf_llama
 
 TOL = 1e-4  # max abs logit difference, float32
@@ -32,6 +33,20 @@ def test_config_read_from_hf(hf_pair):
       ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim)
   assert c.tie_word_embeddings == ref.tie_word_embeddings
   assert c.attention_bias == ref.attention_bias and c.mlp_bias == ref.mlp_bias
+  assert c.initializer_range == ref.initializer_range
+
+
+@pytest.mark.parametrize("std", [0.02, 0.06])
+def test_initializer_range_is_the_std_of_every_kernel_and_the_embedding(std):
+  config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=1, num_heads=4,
+                       num_kv_heads=2, head_dim=32, initializer_range=std)
+  params = nnx.to_flat_state(nnx.state(Llama(config, rngs=nnx.Rngs(0)), nnx.Param))
+  weights = {path: np.asarray(x[...]) for path, x in params if "norm" not in "/".join(map(str, path))}
+  assert len(weights) == 9  # embedding, q, k, v, o, gate, up, down, lm_head
+  for path, w in weights.items():  # >= 8192 draws: a standard error of the std <= 0.8%
+    assert abs(w.std() / std - 1) < 0.04, (path, w.std())
+  with pytest.raises(ValueError, match="initializer_range must be positive, got -0.02"):
+    config.replace(initializer_range=-0.02)
 
 
 def test_logits_match_transformers(hf_pair):

@@ -93,7 +93,7 @@ def config_from_hf(cfg: Mapping, source: str, **overrides) -> LlamaConfig:
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
-        **overrides)
+        initializer_range=float(cfg.get("initializer_range", 0.02)), **overrides)
   except KeyError as e:
     raise ConversionError(f"{source}: required field {e.args[0]!r} is missing") from e
   except (TypeError, ValueError) as e:
@@ -118,7 +118,7 @@ def config_to_hf(c: LlamaConfig, tokenizer=None) -> dict:
       "rope_theta": c.rope_theta, "rope_parameters": rope,
       "max_position_embeddings": c.max_position_embeddings,
       "tie_word_embeddings": c.tie_word_embeddings, "attention_bias": c.attention_bias,
-      "mlp_bias": c.mlp_bias, "torch_dtype": "float32",
+      "mlp_bias": c.mlp_bias, "initializer_range": c.initializer_range, "torch_dtype": "float32",
   }
   if tokenizer is not None:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -65,6 +65,7 @@ class LlamaConfig(ModelConfig):
   tie_word_embeddings: bool = False
   attention_bias: bool = False
   mlp_bias: bool = False
+  initializer_range: float = 0.02  # std of the normal init of every kernel and the embedding
   dtype: str = "float32"        # compute dtype
   param_dtype: str = "float32"  # storage (master) dtype
   remat: str = "none"           # rematerialise each decoder layer in training: "none" | "full" | "dots"
@@ -76,13 +77,11 @@ class LlamaConfig(ModelConfig):
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim",
+                 "initializer_range"):
       if getattr(self, name) <= 0:
         raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
     jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # raises on a bad dtype name
-
-
-
 
 
 class KVCache(NamedTuple):
@@ -152,7 +151,7 @@ def _dense(in_shape, out_shape, names, *, bias: bool, config: LlamaConfig, rngs:
   return nnx.LinearGeneral(
       in_shape, out_shape, axis=axis, use_bias=bias,
       dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
-      kernel_init=logical_init(nnx.initializers.normal(0.02), *names),
+      kernel_init=logical_init(nnx.initializers.normal(config.initializer_range), *names),
       bias_init=logical_init(nnx.initializers.zeros, *out_names), rngs=rngs)
 
 
@@ -268,7 +267,8 @@ class Llama(nnx.Module):
     self.embed_tokens = nnx.Embed(
         config.vocab_size, config.hidden_size, dtype=self.dtype,
         param_dtype=jnp.dtype(config.param_dtype),
-        embedding_init=logical_init(nnx.initializers.normal(0.02), "vocab", "embed"), rngs=rngs)
+        embedding_init=logical_init(nnx.initializers.normal(config.initializer_range), "vocab", "embed"),
+        rngs=rngs)
     self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=self.dtype,
                         param_dtype=jnp.dtype(config.param_dtype))
