@@ -24,8 +24,9 @@ def get_config():
   # world / validation / captions / language: records of the train, validation, captions (SigLIP)
   # and language (text-only, the language stage's) splits.
   # Visualizer 600 steps, not 400: text-to-image 71.5 -> 75.6% (seen), editing 60 -> 65%, +80 s.
-  # language_steps 0: no language stage (the connector starts from a random LLM). 1000 steps
-  # teach the toy LLM to compare: two-image questions 56 -> 93%. Paid for by fewer steps
+  # language_steps 0: no language stage (the connector starts from a random LLM; VPiT teaches it
+  # the same-or-not verdicts, findings section 11). At the init std 0.02 of sections 8-10, 1000 steps
+  # taught the toy LLM to compare: two-image questions 56 -> 93%. Paid for by fewer steps
   # elsewhere (language_steps=1000, siglip_steps=1800, visualizer_steps=300, vpit_steps=900):
   # understanding 79 -> 90%, text-to-image 87 -> 82% (seen), but 867-930 s (both before slot
   # embeddings); 850 steps do not teach it (findings, section 9)

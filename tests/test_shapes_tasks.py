@@ -197,7 +197,7 @@ def test_comparisons_are_worked_and_right():
     answer, _ = _worked_answer(kind, question.split(". ", 1)[1], a, b)
     assert record["conversations"][1]["value"] == answer, record
     told += 1
-  assert 20 <= told <= 60  # about half the text records (TEXT_COMPARISON_PROB)
+  assert abs(told - 80 * shapes_tasks.TEXT_COMPARISON_PROB) <= 12  # binomial: a standard deviation <= 4.5
 
 
 def test_motion_is_a_straight_line():
