@@ -6,8 +6,9 @@
 
 CHECKPOINT: a training workdir, an exported or converted model folder, a .gguf file, a
 transformers folder or "smollm2" (text only). Images are rendered by the visualizer the
-checkpoint names (``model.visualizer_from`` at training time); without one, produced images
-are saved as their visual tokens (.npy) only.
+checkpoint names (``model.visualizer_from`` at training time), which must have been trained on
+the checkpoint's SigLIP encoder (an error otherwise); without one, produced images are saved as
+their visual tokens (.npy) only.
 
 A prompts file holds one JSON object per line: {"prompt": "...", "images": ["a.png", ...],
 "id": "..."}; "images" (paths relative to the file's folder) and "id" are optional. Prompts

@@ -93,7 +93,8 @@ def load(path: str, visualizer: Any = None) -> MetaMorphModel:
 
   ``visualizer``: a visualizer checkpoint path (or a ``Visualizer`` module); by default
   the one the checkpoint names (``config.json``'s ``"visualizer"``, written from
-  ``model.visualizer_from`` at training time), else none.
+  ``model.visualizer_from`` at training time), else none. A path's SigLIP tower must
+  have the checkpoint's weights (``ConversionError`` otherwise).
   """
   source = smollm2_gguf_path() if path == "smollm2" else os.fspath(path)
   if not os.path.exists(source):
@@ -124,8 +125,34 @@ def load(path: str, visualizer: Any = None) -> MetaMorphModel:
   if tokenizer is None:
     raise ConversionError(f"{source}: ships no tokenizer; generation needs one")
   if isinstance(visualizer, (str, os.PathLike)):
-    visualizer = load_visualizer(os.fspath(visualizer))
+    trained = load_visualizer_model(os.fspath(visualizer))
+    if kind == METAMORPH_KIND and model.vision is not None:
+      _check_same_encoder(model.vision, trained.vision, source, os.fspath(visualizer))
+    visualizer = trained.visualizer
   return MetaMorphModel(model, tokenizer, visualizer=visualizer, source=source)
+
+
+# bf16 rounding (a relative error <= 2**-8) when one of the two stages stored its tower in bf16
+_ENCODER_RTOL, _ENCODER_ATOL = 1e-2, 1e-6
+
+
+def _token_params(tower: nnx.Module) -> dict[str, np.ndarray]:
+  """The SigLIP tower's tensors its visual tokens depend on (not the MAP head, not post_ln)."""
+  return {k: v for k, v in tensors.module_params(tower).items() if not k.startswith(("head/", "post_ln/"))}
+
+
+def _check_same_encoder(ours: nnx.Module, theirs: nnx.Module, source: str, visualizer: str) -> None:
+  """Raises unless the visualizer's SigLIP tower (whose tokens it learned to draw) has the
+  checkpoint's tower's weights: another encoder's tokens would be drawn as noise."""
+  a, b = _token_params(ours), _token_params(theirs)
+  differ = sorted(set(a) ^ set(b)) or [
+    k for k in sorted(a) if a[k].shape != b[k].shape or not np.allclose(
+      a[k].astype(np.float32), b[k].astype(np.float32), rtol=_ENCODER_RTOL, atol=_ENCODER_ATOL)]
+  if differ:
+    raise ConversionError(
+      f"{visualizer}: this visualizer was trained on another SigLIP encoder's tokens than {source} predicts "
+      f"({len(differ)} of the vision towers' tensors differ, e.g. {differ[0]!r}); pass a visualizer trained "
+      "with the same encoder (the same model.siglip_init in both stages)")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "m"))

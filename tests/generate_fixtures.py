@@ -46,15 +46,17 @@ def drawing_metamorph(tokenizer, stop_id: int) -> MetaMorph:
   return model
 
 
-def tiny_visualizer():
-  """A random pixel-mode visualizer for [M, DV] tokens (16 px), with its own SigLIP tower."""
+def tiny_visualizer(vision=None):
+  """A random pixel-mode visualizer for [M, DV] tokens (16 px), with the SigLIP tower
+  ``vision`` (a ``tiny_vision`` tower; default: one of its own)."""
   from metamorph.models import visualizer as V
   unet = {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"), "mid_block_type": None,
           "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "cross_attention_dim": 32,
           "attention_head_dim": 2}
   config = V.VisualizerConfig.toy(image_size=IMAGE_SIZE, num_tokens=M, token_dim=DV, block_out_channels=(32, 32),
                                   unet=unet, adapter_hidden=32)
-  return V.VisualizerModel(V.VisualizerModelConfig(vision=tiny_vision(), visualizer=config), rngs=nnx.Rngs(0))
+  return V.VisualizerModel(V.VisualizerModelConfig(vision=tiny_vision(), visualizer=config), rngs=nnx.Rngs(0),
+                           vision=vision)
 
 
 def write_workdir(run: str, model: MetaMorph, tokenizer, *, visualizer_entry: str = "") -> str:
@@ -68,12 +70,13 @@ def write_workdir(run: str, model: MetaMorph, tokenizer, *, visualizer_entry: st
 @functools.cache
 def toy_checkpoint(root: str) -> str:
   """ROOT/run: the drawing MetaMorph over the world tokenizer (a training workdir) with a
-  visualizer workdir ROOT/run/vis, named in its config by the relative path "vis".
+  visualizer workdir ROOT/run/vis (trained, as it were, on the model's SigLIP tower), named
+  in its config by the relative path "vis".
   Built once per process (the visualizer's initialisation takes seconds)."""
   from metamorph.data.world_tokenizer import build_world_tokenizer
   from train import model_init
   tokenizer = build_world_tokenizer()
   model = drawing_metamorph(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
   run = write_workdir(os.path.join(root, "run"), model, tokenizer, visualizer_entry="vis")
-  model_init.export(tiny_visualizer(), None, os.path.join(run, "vis", model_init.MODEL_DIR))
+  model_init.export(tiny_visualizer(model.vision), None, os.path.join(run, "vis", model_init.MODEL_DIR))
   return run

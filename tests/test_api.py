@@ -4,6 +4,7 @@ import json
 import os
 import warnings
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,7 @@ from PIL import Image
 
 import metamorph
 from metamorph.api import MetaMorphModel
-from metamorph.convert import ConversionError
+from metamorph.convert import ConversionError, tensors
 from metamorph.convert.llama import save_llm
 from metamorph.data.world_tokenizer import build_world_tokenizer
 from metamorph.generate import PromptTooLong
@@ -141,3 +142,21 @@ def test_load_errors(tmp_path, run):
   mm = metamorph.load(run, visualizer=os.path.join(run, "vis"))
   with pytest.raises(PromptTooLong):
     mm.generate([" ".join(["red"] * fx.CONTEXT)])
+
+
+def test_visualizer_of_another_encoder_is_refused(tmp_path, run):
+  """A visualizer draws the tokens of the SigLIP tower it was trained on: one whose tower
+  differs from the checkpoint's is refused; the same tower rounded to bf16 is accepted."""
+  from train import model_init
+  mm = metamorph.load(run)
+  other = str(tmp_path / "other")
+  model_init.export(fx.tiny_visualizer(), None, os.path.join(other, model_init.MODEL_DIR))
+  with pytest.raises(ConversionError, match=f"{other}: this visualizer was trained on another SigLIP encoder"):
+    metamorph.load(run, visualizer=other)
+  rounded = fx.tiny_visualizer()
+  ours = tensors.module_params(mm.model.vision)
+  tensors.load_module_params(rounded.vision, {k: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32)
+                                              for k, v in ours.items()}, "bf16")
+  assert not np.array_equal(tensors.module_params(rounded.vision)["pos_embed"], ours["pos_embed"])
+  model_init.export(rounded, None, os.path.join(str(tmp_path / "rounded"), model_init.MODEL_DIR))
+  assert metamorph.load(run, visualizer=str(tmp_path / "rounded")).visualizer is not None
