@@ -62,6 +62,45 @@ def test_finished_stage_is_skipped(tmp_path):
     workflow.train_stage(c, "siglip")
 
 
+def test_world_and_stage_of_other_code_are_reused_with_a_warning(tmp_path, capsys):
+  c = _demo_config(str(tmp_path))
+  c.presets.quick.update(world=6, validation=4, captions=4, language=4)
+  workflow.build_world(c)
+  assert json.loads((tmp_path / "world" / workflow.DONE_FILE).read_text()) == {"code": workflow.code_version()}
+  done = {"steps": c.presets.quick.siglip_steps, "seconds": 1.0, "code": workflow.code_version(), "last": {},
+          "config": json.loads(workflow.stage_config(c, "siglip").to_json())}
+  os.makedirs(tmp_path / "siglip")
+  (tmp_path / "siglip" / workflow.DONE_FILE).write_text(json.dumps(done))
+  capsys.readouterr()
+  workflow.build_world(c)
+  assert workflow.train_stage(c, "siglip") == done
+  assert "other code" not in capsys.readouterr().out
+  (tmp_path / "world" / workflow.DONE_FILE).write_text(json.dumps({"code": "0123"}))
+  (tmp_path / "siglip" / workflow.DONE_FILE).write_text(json.dumps({**done, "code": "4567"}))
+  assert workflow.build_world(c)["args"]["n"] == 6
+  assert workflow.train_stage(c, "siglip")["code"] == "4567"
+  out = capsys.readouterr().out
+  assert f"world: warning: {tmp_path}/world was made by other code" in out
+  assert f"code version 0123, now {workflow.code_version()}); reused. Delete {tmp_path} (the world" in out
+  assert f"siglip: warning: {tmp_path}/siglip was made by other code" in out
+  assert f"Delete {tmp_path}/siglip and the later stages to redo it" in out
+
+
+def test_code_version_hashes_the_python_sources(tmp_path):
+  (tmp_path / "pkg").mkdir()
+  (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+  roots = (str(tmp_path / "pkg"),)
+  before = workflow.code_version.__wrapped__(roots)
+  (tmp_path / "pkg" / "notes.md").write_text("not code")
+  assert workflow.code_version.__wrapped__(roots) == before
+  (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+  assert workflow.code_version.__wrapped__(roots) != before
+  (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+  assert workflow.code_version.__wrapped__(roots) == before
+  (tmp_path / "pkg" / "a.py").rename(tmp_path / "pkg" / "b.py")
+  assert workflow.code_version.__wrapped__(roots) != before
+
+
 def test_grades_are_exact():
   targets = [{"color": "red", "shape": "circle", "size": "small", "position": "left"},
              {"color": "blue", "shape": "square", "size": "large", "position": "top"}]

@@ -1,12 +1,17 @@
 """The demo's building blocks: the shapes world and the five stages of configs/toy.py,
 each in its own resumable workdir (used by ``train.demo`` and ``train.experiments``).
 
-A stage that finished (``STAGE/done.json`` records its steps and config) is skipped on
-a rerun with the same config; with another config it is an error naming the fields that
-changed (nothing is deleted). A world whose ``world.json`` matches the config is reused.
+A stage that finished (``STAGE/done.json`` records its steps, config and ``code_version``)
+is skipped on a rerun with the same config; with another config it is an error naming the
+fields that changed (nothing is deleted). A world whose ``world.json`` matches the config is
+reused. A world or a finished stage made by other code (``metamorph/`` or ``train/`` changed
+since) is reused with a warning that says what to delete.
 """
 from __future__ import annotations
 
+import functools
+import glob
+import hashlib
 import importlib.util
 import json
 import os
@@ -19,7 +24,29 @@ from metamorph.convert.tensors import read_json
 
 STAGES = ("siglip", "visualizer", "language", "connector", "vpit")  # in training order
 SHARED_STAGES = ("siglip", "visualizer", "language")  # what train.experiments runs share
-DONE_FILE = "done.json"
+DONE_FILE = "done.json"  # a finished stage's record; the world's holds its code version only
+SOURCE_ROOTS = (os.path.dirname(os.path.abspath(__file__)),  # train/, and metamorph/ (not imported here)
+                os.path.abspath(importlib.util.find_spec("metamorph").submodule_search_locations[0]))
+
+
+@functools.cache
+def code_version(roots: tuple[str, ...] = SOURCE_ROOTS) -> str:
+  """A hash of every ``.py`` file under ``roots`` (by default ``train/`` and ``metamorph/``),
+  paths and contents: the code a world or a stage was made with."""
+  h = hashlib.sha256()
+  for root in roots:
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+      h.update(os.path.relpath(path, os.path.dirname(root)).encode() + b"\0")
+      with open(path, "rb") as f:
+        h.update(f.read() + b"\0")
+  return h.hexdigest()[:16]
+
+
+def _warn_if_other_code(done: dict, what: str, delete: str) -> None:
+  """Prints a warning when ``done`` was recorded by another ``code_version``."""
+  if done.get("code", code_version()) != code_version():
+    print(f"{what} was made by other code (metamorph/ or train/ changed since; code version "
+          f"{done['code']}, now {code_version()}); reused. Delete {delete} to redo it with this code")
 
 
 def preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -85,12 +112,16 @@ def build_world(config: ml_collections.ConfigDict, root: str | None = None, task
     world = read_json(path)
     if world.get("args") == want:
       print(f"world: {out} is up to date ({p.world} records)")
+      _warn_if_other_code(_done(out) or {}, f"world: warning: {out}", f"{os.path.dirname(out)} (the world and "
+                          "every stage trained on it)")
       return world
     print(f"world: {out} was built with other settings; rebuilding")
   print(f"world: building {p.world} + {p.validation} records (+ {captions_n} captions, "
         f"{language_n} text-only) in {out}")
-  return shapes.build_world(out, p.world, config.seed, holdout, size, p.validation, tasks or None,
-                            captions_n=captions_n, language_n=language_n)
+  world = shapes.build_world(out, p.world, config.seed, holdout, size, p.validation, tasks or None,
+                             captions_n=captions_n, language_n=language_n)
+  _write_done(out, {"code": code_version()})
+  return world
 
 
 def _done(workdir: str) -> dict | None:
@@ -124,11 +155,16 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None 
                        f"delete {workdir} (and the later stages) to retrain, or use another config.workdir")
     if done.get("steps") == c.train.steps:
       print(f"{stage}: done ({c.train.steps} steps in {done['seconds']:.0f}s), skipped")
+      _warn_if_other_code(done, f"{stage}: warning: {workdir}", f"{workdir} and the later stages")
       return done
   start = time.perf_counter()
   last = run(c, workdir)
   done = {"steps": c.train.steps, "seconds": time.perf_counter() - start, "config": wanted,
-          "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
-  with open(os.path.join(workdir, DONE_FILE), "w", encoding="utf-8") as f:
-    json.dump(done, f, indent=2)
+          "code": code_version(), "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
+  _write_done(workdir, done)
   return done
+
+
+def _write_done(folder: str, done: dict) -> None:
+  with open(os.path.join(folder, DONE_FILE), "w", encoding="utf-8") as f:
+    json.dump(done, f, indent=2)
