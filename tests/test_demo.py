@@ -66,7 +66,8 @@ def test_world_and_stage_of_other_code_are_reused_with_a_warning(tmp_path, capsy
   c = _demo_config(str(tmp_path))
   c.presets.quick.update(world=6, validation=4, captions=4, language=4)
   workflow.build_world(c)
-  assert json.loads((tmp_path / "world" / workflow.DONE_FILE).read_text()) == {"code": workflow.code_version()}
+  world_done = json.loads((tmp_path / "world" / workflow.DONE_FILE).read_text())
+  assert world_done["code"] == workflow.code_version() and world_done["seconds"] > 0
   done = {"steps": c.presets.quick.siglip_steps, "seconds": 1.0, "code": workflow.code_version(), "last": {},
           "config": json.loads(workflow.stage_config(c, "siglip").to_json())}
   os.makedirs(tmp_path / "siglip")
@@ -84,6 +85,20 @@ def test_world_and_stage_of_other_code_are_reused_with_a_warning(tmp_path, capsy
   assert f"code version 0123, now {workflow.code_version()}); reused. Delete {tmp_path} (the world" in out
   assert f"siglip: warning: {tmp_path}/siglip was made by other code" in out
   assert f"Delete {tmp_path}/siglip and the later stages to redo it" in out
+
+
+def test_demo_times_a_reused_step_by_its_record(tmp_path):
+  """A step an earlier run made counts the seconds it took then, and is named as reused."""
+  os.makedirs(tmp_path / "siglip")
+  record = tmp_path / "siglip" / workflow.DONE_FILE
+  record.write_text(json.dumps({"seconds": 291.0}))
+  timings, reused = {}, []
+  assert workflow.timed("siglip", lambda: "kept", str(tmp_path), timings, reused) == "kept"
+  assert timings == {"siglip": 291.0} and reused == ["siglip"]
+  workflow.timed("siglip", lambda: record.write_text(json.dumps({"seconds": 5.0})), str(tmp_path), timings, reused)
+  assert timings == {"siglip": 5.0} and reused == ["siglip"]  # made now: not reused again
+  workflow.timed("language", lambda: None, str(tmp_path), timings, reused)  # nothing recorded: this call's time
+  assert timings["language"] < 1.0 and reused == ["siglip"]
 
 
 def test_code_version_hashes_the_python_sources(tmp_path):
@@ -141,6 +156,7 @@ def test_report_files(tmp_path):
   path = report.write(c, results, {"total": 12.0}, host)
   text = (tmp_path / "report.md").read_text()
   assert path == str(tmp_path / "report.md")
+  assert "earlier runs" not in text
   assert "| seen | 100.0% | 50.0% | 100.0% | 100.0% | **50.0%** | 0 | 0.900 | 2 |" in text
   assert "| qa/color | 75.0% | 4 |" in text
   assert "| 2 objects | 50.0% | 2 |" in text
@@ -149,3 +165,8 @@ def test_report_files(tmp_path):
   assert saved["machine"] == host
   assert "Measured on AMD EPYC (2 logical cores, AVX2), JAX 0.10.2 on cpu (1 device)." in text
   assert "understanding 75.0% (n=4)" in report.summary(results)
+  report.write(c, results, {"world": 3.0, "siglip": 20.0, "total": 23.0}, host, reused=["world"], this_run=21.0)
+  assert ("Made by earlier runs, with the seconds they took then (perhaps on another machine): world. "
+          "This run took 21 s.") in (tmp_path / "report.md").read_text()
+  saved = json.loads((tmp_path / "report.json").read_text())
+  assert saved["reused"] == ["world"] and saved["this_run_seconds"] == 21.0

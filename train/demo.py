@@ -9,6 +9,7 @@ up-to-date world are skipped on a rerun (``train.workflow``). The report
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -24,18 +25,16 @@ def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)
   from train import machine, report
-  from train.workflow import STAGES, build_world, preset, train_stage
+  from train.workflow import STAGES, build_world, preset, timed, train_stage
   config = FLAGS.config
+  root = config.workdir
   start = time.perf_counter()
-  timings = {}
+  timings, reused = {}, []
   try:
-    t = time.perf_counter()
-    world = build_world(config)
-    timings["world"] = time.perf_counter() - t
+    world = timed("world", functools.partial(build_world, config), root, timings, reused)
     for stage in STAGES:
-      timings[stage] = train_stage(config, stage)["seconds"]
+      timed(stage, functools.partial(train_stage, config, stage), root, timings, reused)
     t = time.perf_counter()
-    root = config.workdir
     results = {"preset": config.preset,
                **report.evaluate(os.path.join(root, "vpit"), os.path.join(root, "world"), world,
                                  preset(config), root),
@@ -44,11 +43,13 @@ def main(argv) -> int:
   except (ValueError, RuntimeError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  timings["total"] = time.perf_counter() - start
+  this_run = time.perf_counter() - start
+  timings["total"] = this_run + sum(timings[name] for name in reused)  # as if nothing were reused
   host = machine.info()
-  path = report.write(config, results, timings, host)
+  path = report.write(config, results, timings, host, reused=reused, this_run=this_run)
   print(report.summary(results))
-  print(f"{timings['total']:.0f} s on {machine.line(host)}")
+  print(f"{timings['total']:.0f} s on {machine.line(host)}"
+        + (f" ({this_run:.0f} s in this run, which reused {', '.join(reused)})" if reused else ""))
   print(f"report: {path}")
   print("try: python -m decode --checkpoint " + os.path.join(config.workdir, "vpit")
         + ' --prompt "Generate an image of a small green square on the left."')

@@ -240,12 +240,15 @@ def summary(results: dict[str, Any]) -> str:
 
 
 def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: dict[str, float],
-          host: dict[str, Any]) -> str:
+          host: dict[str, Any], reused: Sequence[str] = (), this_run: float | None = None) -> str:
   """``report.json`` and ``report.md`` in the demo's workdir; returns the markdown's path.
-  ``host``: ``machine.info()``, what the timings were measured on."""
+  ``timings``: seconds per step and their total; ``reused``: the steps an earlier run made
+  (their seconds are from then); ``this_run``: this run's seconds; ``host``: ``machine.info()``,
+  what this run measured on."""
   root = config.workdir
   with open(os.path.join(root, "report.json"), "w", encoding="utf-8") as f:
-    json.dump({**results, "seconds": timings, "machine": host}, f, indent=2)
+    json.dump({**results, "seconds": timings, "reused": list(reused), "this_run_seconds": this_run,
+               "machine": host}, f, indent=2)
   u, t, e = results["understanding"], results["text_to_image"], results["editing"]
   lines = [f"# MetaMorph on the shapes world ({results['preset']} preset)", "",
            f"Held-out (colour, shape) pairs for generation: {', '.join(results['holdout']) or 'none'}.", "",
@@ -274,6 +277,9 @@ def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: d
   lines += ["", "## Time (seconds)", "", f"Measured on {machine.line(host)}.", "",
             "| step | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+  if reused:
+    lines += ["", (f"Made by earlier runs, with the seconds they took then (perhaps on another machine): "
+                   f"{', '.join(reused)}. This run took {this_run:.0f} s.")]
   lines += ["", "## Example answers", ""]
   lines += [f"- Q: `{x['question']}` A: `{x['answer']}` (expected `{x['expected']}`)" for x in u["examples"]]
   path = os.path.join(root, "report.md")

@@ -16,6 +16,8 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 from flax.traverse_util import flatten_dict
@@ -24,7 +26,7 @@ from metamorph.convert.tensors import read_json
 
 STAGES = ("siglip", "visualizer", "language", "connector", "vpit")  # in training order
 SHARED_STAGES = ("siglip", "visualizer", "language")  # what train.experiments runs share
-DONE_FILE = "done.json"  # a finished stage's record; the world's holds its code version only
+DONE_FILE = "done.json"  # what a finished stage (or the world: seconds and code) recorded
 SOURCE_ROOTS = (os.path.dirname(os.path.abspath(__file__)),  # train/, and metamorph/ (not imported here)
                 os.path.abspath(importlib.util.find_spec("metamorph").submodule_search_locations[0]))
 
@@ -112,19 +114,21 @@ def build_world(config: ml_collections.ConfigDict, root: str | None = None, task
     world = read_json(path)
     if world.get("args") == want:
       print(f"world: {out} is up to date ({p.world} records)")
-      _warn_if_other_code(_done(out) or {}, f"world: warning: {out}", f"{os.path.dirname(out)} (the world and "
+      _warn_if_other_code(done_record(out) or {}, f"world: warning: {out}", f"{os.path.dirname(out)} (the world and "
                           "every stage trained on it)")
       return world
     print(f"world: {out} was built with other settings; rebuilding")
   print(f"world: building {p.world} + {p.validation} records (+ {captions_n} captions, "
         f"{language_n} text-only) in {out}")
+  start = time.perf_counter()
   world = shapes.build_world(out, p.world, config.seed, holdout, size, p.validation, tasks or None,
                              captions_n=captions_n, language_n=language_n)
-  _write_done(out, {"code": code_version()})
+  _write_done(out, {"seconds": time.perf_counter() - start, "code": code_version()})
   return world
 
 
-def _done(workdir: str) -> dict | None:
+def done_record(workdir: str) -> dict | None:
+  """What ``workdir`` (a stage's, or the world) recorded when it was made; None if nothing."""
   path = os.path.join(workdir, DONE_FILE)
   return read_json(path) if os.path.isfile(path) else None
 
@@ -147,7 +151,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None 
     print(f"{stage}: 0 steps in this preset, skipped")
     return {"steps": 0, "seconds": 0.0}
   wanted = json.loads(c.to_json())
-  done = _done(workdir)
+  done = done_record(workdir)
   if done is not None:
     changed = _changed(done.get("config", wanted), wanted)
     if changed:
@@ -168,3 +172,17 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None 
 def _write_done(folder: str, done: dict) -> None:
   with open(os.path.join(folder, DONE_FILE), "w", encoding="utf-8") as f:
     json.dump(done, f, indent=2)
+
+
+def timed(name: str, make: Callable[[], Any], root: str, timings: dict[str, float], reused: list[str]) -> Any:
+  """Runs ``make`` (building ``ROOT/NAME``: the world or a stage) and returns its result;
+  records in ``timings`` the seconds ``ROOT/NAME`` took when it was made (its done record's,
+  else this call's), and appends ``name`` to ``reused`` when an earlier run made it."""
+  folder = os.path.join(root, name)
+  before, start = done_record(folder), time.perf_counter()
+  out = make()
+  after = done_record(folder)
+  timings[name] = (after or {}).get("seconds", time.perf_counter() - start)
+  if before is not None and after == before:
+    reused.append(name)
+  return out
