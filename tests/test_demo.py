@@ -87,7 +87,7 @@ def test_world_and_stage_of_other_code_are_reused_with_a_warning(tmp_path, capsy
   assert f"Delete {tmp_path}/siglip and the later stages to redo it" in out
 
 
-def test_demo_times_a_reused_step_by_its_record(tmp_path):
+def test_timed_counts_a_reused_step_by_its_record(tmp_path):
   """A step an earlier run made counts the seconds it took then, and is named as reused."""
   os.makedirs(tmp_path / "siglip")
   record = tmp_path / "siglip" / workflow.DONE_FILE
