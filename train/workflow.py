@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 from flax.traverse_util import flatten_dict
 
-from metamorph.convert.tensors import read_json
+from metamorph.convert.tensors import read_json, write_json
 
 STAGES = ("siglip", "visualizer", "language", "connector", "vpit")  # in training order
 SHARED_STAGES = ("siglip", "visualizer", "language")  # what train.experiments runs share
@@ -123,7 +123,7 @@ def build_world(config: ml_collections.ConfigDict, root: str | None = None, task
   start = time.perf_counter()
   world = shapes.build_world(out, p.world, config.seed, holdout, size, p.validation, tasks or None,
                              captions_n=captions_n, language_n=language_n)
-  _write_done(out, {"seconds": time.perf_counter() - start, "code": code_version()})
+  write_json(os.path.join(out, DONE_FILE), {"seconds": time.perf_counter() - start, "code": code_version()})
   return world
 
 
@@ -165,13 +165,8 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None 
   last = run(c, workdir)
   done = {"steps": c.train.steps, "seconds": time.perf_counter() - start, "config": wanted,
           "code": code_version(), "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
-  _write_done(workdir, done)
+  write_json(os.path.join(workdir, DONE_FILE), done)
   return done
-
-
-def _write_done(folder: str, done: dict) -> None:
-  with open(os.path.join(folder, DONE_FILE), "w", encoding="utf-8") as f:
-    json.dump(done, f, indent=2)
 
 
 def timed(name: str, make: Callable[[], Any], root: str, timings: dict[str, float], reused: list[str]) -> Any:
