@@ -34,8 +34,9 @@ def get_config():
                            visualizer_steps=600, language_steps=0, connector_steps=50, vpit_steps=1000,
                            eval_understanding=300, eval_edit=60,
                            eval_t2i=0, render_steps=10, render_guidance=1.0)
+  # quick: the full preset's stages (no language stage; tests/test_train.py trains that one)
   c.presets.quick = _preset(world=600, validation=100, captions=600, language=100, siglip_steps=10,
-                            visualizer_steps=10, language_steps=5, connector_steps=5, vpit_steps=10,
+                            visualizer_steps=10, language_steps=0, connector_steps=5, vpit_steps=10,
                             eval_understanding=16, eval_edit=4, eval_t2i=16, render_steps=5, render_guidance=3.0)
   # eval_t2i: 0 = every prompt of world/eval_t2i.jsonl (seen and held-out pairs), else the first n of each
   return c

@@ -26,6 +26,7 @@ def test_stage_configs_chain_the_stages(tmp_path):
   assert siglip.train.steps == c.presets.quick.siglip_steps
   vis = workflow.stage_config(c, "visualizer")
   assert vis.model.siglip_init == os.path.join(root, "siglip") and vis.train.sample_every == vis.train.steps
+  c.presets.quick.language_steps = 5
   language = workflow.stage_config(c, "language", root="/mix", shared=root)
   assert language.data.train_split == "language" and language.model.siglip_init == os.path.join(root, "siglip")
   assert workflow.stage_config(c, "connector", root="/mix", shared=root).init_from == os.path.join(root, "language")
