@@ -13,6 +13,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 CHECKPOINTS = "checkpoints"
 _whole_array_saves = False
@@ -49,8 +50,13 @@ def _save_whole_arrays_on_cpu() -> None:
     return
   default = ocp.type_handlers.get_type_handler(jax.Array)
   store = getattr(default, "_array_metadata_store", None)  # as orbax's resolve_array_metadata_store reads it
-  ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False, array_metadata_store=store), override=True)
+  handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False, array_metadata_store=store)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # orbax warns on any override of a registered type
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    logging.set_verbosity(verbosity)
   _whole_array_saves = True
 
 
