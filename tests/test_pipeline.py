@@ -90,7 +90,7 @@ EXPECTED = {
 
 
 def test_round_trip_formats_packs_and_batches_exactly():
-  batches = list(pipeline(ROUND_TRIP))
+  batches = list(pipeline(ROUND_TRIP, open_rows=1))  # greedy: rows in record order
   assert len(batches) == 1
   batch = batches[0]
   for key, expected in EXPECTED.items():
@@ -122,28 +122,52 @@ def _stream_source(n: int = 40) -> list[dict]:
   return records
 
 
-def test_iterator_state_round_trips_through_json():
-  kwargs = dict(num_epochs=None, shuffle=True, seq_len=40, images_per_row=3)
+def test_first_fit_fills_an_older_open_row():
+  """Records of 20, 20, 11, 11 tokens in rows of 32: greedy needs three rows, two open rows
+  take two ([20, 11] twice); rows come out oldest first."""
+  source = [example("what is this " * 4 + "a", "a", [], "20a"), example("what is this " * 4 + "a", "a", [], "20b"),
+            example("what is it", "a dog", [], "11a"), example("what is it", "a dog", [], "11b")]
+  lengths = {}
+  for open_rows in (1, 2):
+    rows = [row for batch in pipeline(source, open_rows=open_rows, batch_size=1) for row in batch["segment_ids"]]
+    lengths[open_rows] = [np.bincount(row)[1:].tolist() for row in rows]
+  assert lengths == {1: [[20], [20, 11], [11]], 2: [[20, 11], [20, 11]]}
+
+
+@pytest.mark.parametrize("open_rows", [1, 4])
+def test_iterator_state_round_trips_through_json(open_rows):
+  """Saved after any batch, the state resumes the same batches (open rows re-read)."""
+  kwargs = dict(num_epochs=None, shuffle=True, seq_len=40, images_per_row=3, open_rows=open_rows)
   it = iter(pipeline(_stream_source(), **kwargs))
-  for _ in range(3):
-    next(it)
-  state = json.dumps(it.get_state())
-  expected = [next(it) for _ in range(5)]
-  restored = iter(pipeline(_stream_source(), **kwargs))  # a new pipeline, as after a restart
-  restored.set_state(json.loads(state))
-  for want in expected:
-    got = next(restored)
-    assert got.keys() == want.keys()
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  states, batches = [], []
+  for _ in range(8):
+    states.append(json.dumps(it.get_state()))
+    batches.append(next(it))
+  for start in (1, 3, 6):
+    restored = iter(pipeline(_stream_source(), **kwargs))  # a new pipeline, as after a restart
+    restored.set_state(json.loads(states[start]))
+    for want in batches[start:]:
+      got = next(restored)
+      assert got.keys() == want.keys()
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key}, resumed at batch {start}")
 
 
-def test_every_drop_is_counted_once():
+def _records(batches) -> list[tuple[int, ...]]:
+  """The packed records' token ids, one tuple per segment of every row."""
+  return [tuple(row[seg == k].tolist()) for b in batches for row, seg in zip(b["input_ids"], b["segment_ids"])
+          for k in range(1, seg.max() + 1)]
+
+
+def test_every_record_is_packed_once_and_every_drop_counted_once():
   source = _stream_source()
-  batches = list(pipeline(source, seq_len=40, images_per_row=3, batch_size=1))
-  total = sum(b["dropped"].sum(axis=0) for b in batches)
-  assert total.tolist() == dropped(too_long=1)
-  assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches) == len(source) - 1
+  packed = {}
+  for open_rows in (1, 4):
+    batches = list(pipeline(source, seq_len=40, images_per_row=3, batch_size=1, open_rows=open_rows))
+    assert sum(b["dropped"].sum(axis=0) for b in batches).tolist() == dropped(too_long=1)
+    packed[open_rows] = _records(batches)
+  assert len(packed[1]) == len(source) - 1
+  assert packed[4] != packed[1] and sorted(packed[4]) == sorted(packed[1])  # reordered, none lost
 
 
 def test_mixture_follows_the_weights():

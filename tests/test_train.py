@@ -134,6 +134,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_world, tm
     ({"stage": "pretrain"}, "use one of"),
     ({"optim.lr": -1.0}, r"config.optim.lr must be >= 0"),
     ({"mesh.cpu_devices": -2}, r"config.mesh.cpu_devices must be >= 0"),
+    ({"data.open_rows": 0}, r"config.data.open_rows must be >= 1"),
 ])
 def test_bad_config_errors(overrides, message, tiny_world):
   config = tiny_config("siglip", tiny_world)

@@ -1,7 +1,7 @@
 """Sharded training on the CPU, in subprocesses (XLA_FLAGS must be set before jax starts).
 
 * 3 vpit steps on a (data=1, fsdp=4, tensor=2) mesh of 8 host devices log the same
-  losses as the same config on one device;
+  losses as the same config on one device, and the row fill of the batches packed;
 * on that mesh each device holds about 1/8 of the train state;
 * two processes of 4 devices each (``jax.distributed`` on localhost, gloo collectives)
   log the same losses, and export the same model, as one process with 8 devices;
@@ -157,10 +157,22 @@ def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.max(np.abs(a - b) / np.maximum(np.abs(a), np.abs(b))))
 
 
-def test_mesh_of_8_devices_matches_one_device(runs):
+def _row_fills(workdir: str) -> list[float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["row_fill"] for line in f if line.strip()]
+
+
+def test_mesh_of_8_devices_matches_one_device(runs, tiny_world):
   futures, dirs = runs
   _ok(futures["one"].result())
   _ok(futures["mesh"].result())
+  # row_fill: record tokens / token slots of each step's batch, as the pipeline packs it
+  from train import trainer
+  setup = trainer.make_setup(_config(tiny_world, ONE_DEVICE), load_weights=False)
+  batches = trainer._datasets(setup, setup.config.data.train_split, seed=setup.config.seed)
+  fills = [tokens / slots for tokens, slots, _ in (trainer._batch_counts(next(batches)) for _ in range(STEPS))]
+  assert all(0 < f < 1 for f in fills), fills
+  assert _row_fills(dirs["one"]) == _row_fills(dirs["mesh"]) == pytest.approx(fills, rel=1e-12)
   one, mesh = _losses(dirs["one"]), _losses(dirs["mesh"])
   assert np.all(np.isfinite(one)) and not np.allclose(one[0], one[-1])  # it trains
   rel = _max_rel(one, mesh)

@@ -91,7 +91,7 @@ def vpit_batches(config: ml_collections.ConfigDict, tokenizer, layout: TokenLayo
                    image_size=config.data.image_size, seq_len=config.data.seq_len,
                    images_per_row=config.data.images_per_row, batch_size=rows, seed=seed,
                    num_epochs=num_epochs, shard_index=v, shard_count=k, strict=config.data.strict,
-                   read_threads=config.data.num_threads) for v in shards])
+                   read_threads=config.data.num_threads, open_rows=config.data.open_rows) for v in shards])
 
 
 class _CaptionPair:

@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 32
   c.data.seq_len = 256
   c.data.images_per_row = 4
+  c.data.open_rows = 4          # rows packed at once: first fit (1: greedy, in order)
   c.data.text_len = 16          # siglip stage: caption tokens
   c.data.num_threads = 2        # grain read threads
   c.data.virtual_shards = 0     # record shards, each packed on its own (0: one per process);

@@ -57,6 +57,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         f"config.train.micro_batches ({t.micro_batches})")
   if config.stage == "siglip" and t.micro_batches != 1:
     raise TrainingError("the siglip stage's loss couples the whole batch: use train.micro_batches=1")
+  if config.data.open_rows < 1:
+    raise TrainingError(f"config.data.open_rows must be >= 1 (1: greedy packing), got {config.data.open_rows}")
   if config.mesh.cpu_devices < 0:
     raise TrainingError(f"config.mesh.cpu_devices must be >= 0 (0: JAX's default), got {config.mesh.cpu_devices}")
 
@@ -228,7 +230,7 @@ def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[s
   dropped = np.zeros(len(PIPELINE_REASONS), np.int64)
   per_token, per_image = flops_model(s)
   last: dict[str, Any] = {}
-  window = {"tokens": 0, "images": 0, "flops": 0.0, "time": time.perf_counter()}
+  window = {"tokens": 0, "slots": 0, "images": 0, "flops": 0.0, "time": time.perf_counter()}
   bar = tqdm(total=c.train.steps, initial=start_step, desc=f"{c.stage}", dynamic_ncols=True,
              disable=jax.process_index() != 0)
   meta = _meta(s, workdir)
@@ -237,9 +239,10 @@ def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[s
       local = next(train_iter)
       if "dropped" in local:
         dropped += local["dropped"].sum(0)
-      tokens, images = _batch_counts(local)
+      tokens, slots, images = _batch_counts(local)
       state, out = step_fn(state, data.global_batch(local, s.mesh))
       window["tokens"] += tokens * jax.process_count()
+      window["slots"] += slots * jax.process_count()
       window["images"] += images * jax.process_count()
       window["flops"] += (per_token * tokens + per_image * images) * jax.process_count()
       done = step + 1
@@ -271,14 +274,15 @@ def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[s
   return last
 
 
-def _batch_counts(local: dict[str, np.ndarray]) -> tuple[int, int]:
-  """(tokens, images) of a process-local batch: real (non-padding) tokens, used image slots."""
+def _batch_counts(local: dict[str, np.ndarray]) -> tuple[int, int, int]:
+  """(tokens, slots, images) of a process-local batch: real (non-padding) tokens, token slots of
+  packed rows (0 when unpacked), used image slots."""
   if "segment_ids" in local:
-    tokens = int((local["segment_ids"] > 0).sum())
+    tokens, slots = int((local["segment_ids"] > 0).sum()), int(local["segment_ids"].size)
   else:
-    tokens = int(local["text_ids"].size) if "text_ids" in local else 0
+    tokens, slots = (int(local["text_ids"].size) if "text_ids" in local else 0), 0
   images = int(local["image_mask"].sum()) if "image_mask" in local else len(local["images"])
-  return tokens, images
+  return tokens, slots, images
 
 
 def _export(s: Setup, state: TrainState, workdir: str) -> None:
@@ -321,6 +325,8 @@ def _log(writer, bar, step: int, out: dict, window: dict, peak, dropped) -> dict
   values = {k: float(v) for k, v in out.items()}
   if window["tokens"]:
     values["tokens_per_s"] = window["tokens"] / elapsed
+  if window["slots"]:
+    values["row_fill"] = window["tokens"] / window["slots"]  # packed rows: record tokens / all slots
   values["images_per_s"] = window["images"] / elapsed
   if peak and window["flops"]:
     values["mfu"] = window["flops"] / elapsed / (peak * jax.device_count())
@@ -329,5 +335,5 @@ def _log(writer, bar, step: int, out: dict, window: dict, peak, dropped) -> dict
   writer.write(step, values)
   bar.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "loss_text", "loss_vision", "loss_siglip",
                                                      "loss_diffusion", "loss_draft", "tokens_per_s") if k in values})
-  window.update(tokens=0, images=0, flops=0.0, time=time.perf_counter())
+  window.update(tokens=0, slots=0, images=0, flops=0.0, time=time.perf_counter())
   return values

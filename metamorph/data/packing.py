@@ -1,13 +1,12 @@
-"""Greedy packing of formatted records into fixed-size rows, with drop counts.
+"""First-fit packing of formatted records into fixed-size rows, with drop counts.
 
 Hand-written rather than grain's ``FirstFitPackIterDataset`` /
 ``BestFitPackIterDataset`` (grain 0.2.18): those pack every feature as a
 sequence with its own length, so they cannot (a) offset ``visual_index`` by the
 visual tokens of the images already in the row (a value change, not a
 concatenation), (b) count records that can never fit (they raise
-``ValueError``), nor carry drops reported by upstream markers; they also keep
-several bins open and shuffle them, where this packer keeps one row and
-preserves order.
+``ValueError``), nor carry drops reported by upstream markers; they also shuffle
+the rows they emit, where this packer emits them oldest first.
 
 Input elements are either a formatted record::
 
@@ -18,9 +17,16 @@ or a drop marker ``{"drop": reason}`` (``drop_marker``) for a record that could
 not be used upstream; the count travels with the data, so summing ``dropped``
 over every batch counts each drop exactly once, with any number of workers.
 
-Iterator state: ``{"parent": <parent state>}``. The only element buffered
-across ``next()`` calls is the record that did not fit the last row; the state
-saved is the parent's state from *before* that record, so a restore re-reads it.
+Up to ``open_rows`` rows are filled at once: a record goes to the oldest open
+row with room for its tokens and images; when none has room and ``open_rows``
+are open, the oldest is emitted and the record opens a new one. A drop counts
+in the oldest open row. ``open_rows=1`` is greedy packing in order.
+
+Iterator state: ``{"parent": <parent state>, "rows": [int, ...]}``. ``parent`` is
+the parent's state before the first element still held in an open row;
+``rows`` says, for each element read since, which open row holds it (0 =
+oldest) or -1 (already emitted). A restore re-reads those elements into the
+same rows, so it resumes exactly.
 """
 from __future__ import annotations
 
@@ -86,14 +92,25 @@ class _Row:
     return self.num_records == 0 and not self.arrays["dropped"].any()
 
 
+def _put(row: _Row, element: dict[str, Any], reason: str | None) -> None:
+  """Adds a usable record to ``row``, or counts its drop ``reason`` there."""
+  if reason:
+    row.drop(reason)
+  else:
+    row.add(element)
+
+
 class _PackIterator(grain.DatasetIterator):
-  """Greedy, in order: one open row, emitted when the next record does not fit."""
+  """First fit over the open rows (module docstring)."""
 
   def __init__(self, parent: grain.DatasetIterator, packer: PackIterDataset):
     super().__init__(parent)
     self._packer = packer
-    self._pending: dict[str, np.ndarray] | None = None  # the record that did not fit
-    self._pending_state: Any = None                      # parent state before it
+    self._rows: list[_Row] = []   # open rows, oldest first
+    self._first = 0               # serial number of self._rows[0]
+    # per element read since the oldest open row's first: (parent state before it, row serial)
+    self._log: list[tuple[Any, int]] = []
+    self._exhausted = False
 
   def _unusable(self, record: dict[str, np.ndarray]) -> str | None:
     p = self._packer
@@ -103,38 +120,72 @@ class _PackIterator(grain.DatasetIterator):
       return "too_many_images"
     return None
 
+  def _place(self, element: dict[str, Any]) -> tuple[int, _Row | None]:
+    """Puts ``element`` in a row -> (that row's serial, the row to emit or None)."""
+    reason = element.get("drop") or self._unusable(element)
+    if reason and self._rows:
+      self._rows[0].drop(reason)
+      return self._first, None
+    if not reason:
+      for i, row in enumerate(self._rows):
+        if row.fits(element):
+          row.add(element)
+          return self._first + i, None
+    emitted = None
+    if len(self._rows) == self._packer.open_rows:
+      emitted = self._rows.pop(0)
+      self._first += 1
+    self._rows.append(self._packer.new_row())
+    _put(self._rows[-1], element, reason)
+    return self._first + len(self._rows) - 1, emitted
+
+  def _forget_emitted(self) -> None:
+    """Drops the log's leading entries of emitted rows."""
+    while self._log and self._log[0][1] < self._first:
+      self._log.pop(0)
+
   def __next__(self) -> dict[str, np.ndarray]:
-    row = self._packer.new_row()
-    if self._pending is not None:
-      row.add(self._pending)
-      self._pending = self._pending_state = None
-    while True:
+    while not self._exhausted:
       state = self._parent.get_state()
       try:
         element = next(self._parent)
       except StopIteration:
-        if row.empty:
-          raise
-        return row.arrays
-      reason = element.get("drop") or self._unusable(element)
-      if reason:
-        row.drop(reason)
-      elif row.fits(element):
-        row.add(element)
-      else:
-        self._pending, self._pending_state = element, state
-        return row.arrays
+        self._exhausted = True
+        break
+      serial, emitted = self._place(element)
+      self._log.append((state, serial))
+      if emitted is not None:
+        self._forget_emitted()
+        return emitted.arrays
+    if not self._rows:
+      raise StopIteration
+    self._first += 1
+    self._forget_emitted()
+    return self._rows.pop(0).arrays
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._pending_state if self._pending is not None else self._parent.get_state()}
+    if not self._log:
+      return {"parent": self._parent.get_state(), "rows": []}
+    return {"parent": self._log[0][0], "rows": [max(serial - self._first, -1) for _, serial in self._log]}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
-    self._pending = self._pending_state = None
+    self._rows, self._first, self._log, self._exhausted = [], 0, [], False
+    for index in state.get("rows", []):  # states saved before open rows had no "rows"
+      before = self._parent.get_state()
+      element = next(self._parent)
+      self._log.append((before, max(index, -1)))
+      if index < 0:
+        continue
+      while len(self._rows) <= index:
+        self._rows.append(self._packer.new_row())
+      _put(self._rows[index], element, element.get("drop") or self._unusable(element))
+    self._forget_emitted()
 
 
 class PackIterDataset(grain.IterDataset):
-  """Packs formatted records (or drop markers) into rows; see the module docstring.
+  """Packs formatted records (or drop markers) into rows, filling up to ``open_rows``
+  at once; see the module docstring.
 
   Each row: input_ids, labels, visual_index, segment_ids (1, 2, ... per record,
   0 = padding), positions (from 0 per record): int32 [T]; visual_target_mask
@@ -145,8 +196,11 @@ class PackIterDataset(grain.IterDataset):
   """
 
   def __init__(self, parent: grain.IterDataset, *, seq_len: int, images_per_row: int,
-               image_size: int, num_visual_tokens: int, pad_id: int = 0):
+               image_size: int, num_visual_tokens: int, pad_id: int = 0, open_rows: int = 4):
     super().__init__(parent)
+    if open_rows < 1:
+      raise ValueError(f"open_rows must be >= 1, got {open_rows}")
+    self.open_rows = open_rows
     self.seq_len, self.images_per_row = seq_len, images_per_row
     self.image_size, self.num_visual_tokens, self.pad_id = image_size, num_visual_tokens, pad_id
 
@@ -157,4 +211,5 @@ class PackIterDataset(grain.IterDataset):
     return _PackIterator(self._parent.__iter__(), self)
 
   def __str__(self) -> str:
-    return f"PackIterDataset(seq_len={self.seq_len}, images_per_row={self.images_per_row})"
+    return (f"PackIterDataset(seq_len={self.seq_len}, images_per_row={self.images_per_row}, "
+            f"open_rows={self.open_rows})")

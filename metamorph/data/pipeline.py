@@ -6,7 +6,8 @@
     -> decode: JSON turns + encoded images -> format_conversation + preprocess
        (an unusable record becomes a drop marker carrying its reason)
     -> to_iter_dataset (ReadOptions: decoding runs in a few threads)
-    -> PackIterDataset -> batch(batch_size, drop_remainder=True)   [make_dataset()]
+    -> PackIterDataset (first fit over open_rows rows)
+    -> batch(batch_size, drop_remainder=True)                      [make_dataset()]
 
 A source is anything with ``len`` and ``[i]`` returning stored examples
 (``tfds_builder.open_source``, or a list of such dicts): {"conversations":
@@ -125,8 +126,8 @@ class Decode:
 def make_dataset(sources: Any, *, tokenizer, layout: TokenLayout, image_size: int, seq_len: int,
                  images_per_row: int, batch_size: int, seed: int = 0, num_epochs: int | None = None,
                  shuffle: bool = True, shard_index: int | None = None, shard_count: int | None = None,
-                 strict: bool = False, read_threads: int = 4,
-                 prefetch_buffer_size: int = 64) -> grain.IterDataset:
+                 strict: bool = False, read_threads: int = 4, prefetch_buffer_size: int = 64,
+                 open_rows: int = 4) -> grain.IterDataset:
   """The training pipeline (module docstring); iterate it for dicts of [B, ...] arrays.
 
   ``sources``: one source or a sequence of (source, weight) pairs; shards
@@ -138,6 +139,7 @@ def make_dataset(sources: Any, *, tokenizer, layout: TokenLayout, image_size: in
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=prefetch_buffer_size))
   ds = PackIterDataset(ds, seq_len=seq_len, images_per_row=images_per_row, image_size=image_size,
-                       num_visual_tokens=layout.num_visual_tokens, pad_id=layout.slot_id)
+                       num_visual_tokens=layout.num_visual_tokens, pad_id=layout.slot_id,
+                       open_rows=open_rows)
   return ds.batch(batch_size, drop_remainder=True)
 
