@@ -87,10 +87,6 @@ class _Row:
   def drop(self, reason: str) -> None:
     self.arrays["dropped"][PIPELINE_REASONS.index(reason)] += 1
 
-  @property
-  def empty(self) -> bool:
-    return self.num_records == 0 and not self.arrays["dropped"].any()
-
 
 def _put(row: _Row, element: dict[str, Any], reason: str | None) -> None:
   """Adds a usable record to ``row``, or counts its drop ``reason`` there."""
@@ -112,8 +108,11 @@ class _PackIterator(grain.DatasetIterator):
     self._log: list[tuple[Any, int]] = []
     self._exhausted = False
 
-  def _unusable(self, record: dict[str, np.ndarray]) -> str | None:
-    p = self._packer
+  def _unusable(self, element: dict[str, Any]) -> str | None:
+    """The drop reason of a drop marker or of a record no row can hold; None for the rest."""
+    if "drop" in element:
+      return element["drop"]
+    p, record = self._packer, element
     if len(record["input_ids"]) > p.seq_len:
       return "too_long"
     if len(record["images"]) > p.images_per_row:
@@ -122,7 +121,7 @@ class _PackIterator(grain.DatasetIterator):
 
   def _place(self, element: dict[str, Any]) -> tuple[int, _Row | None]:
     """Puts ``element`` in a row -> (that row's serial, the row to emit or None)."""
-    reason = element.get("drop") or self._unusable(element)
+    reason = self._unusable(element)
     if reason and self._rows:
       self._rows[0].drop(reason)
       return self._first, None
@@ -179,7 +178,7 @@ class _PackIterator(grain.DatasetIterator):
         continue
       while len(self._rows) <= index:
         self._rows.append(self._packer.new_row())
-      _put(self._rows[index], element, element.get("drop") or self._unusable(element))
+      _put(self._rows[index], element, self._unusable(element))
     self._forget_emitted()
 
 
