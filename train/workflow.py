@@ -57,7 +57,8 @@ def preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config.presets[config.preset]
 
 
-def _load_stage_config(path: str, stage: str) -> ml_collections.ConfigDict:
+def load_config_file(path: str, stage: str) -> ml_collections.ConfigDict:
+  """``get_config(stage)`` of the config file at ``path``."""
   spec = importlib.util.spec_from_file_location("_stage_config", path)
   if spec is None or not os.path.isfile(path):
     raise ValueError(f"config.stage_config: {path} is not a config file")
@@ -74,7 +75,7 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, root: str | None
   p = preset(config)
   root = root or config.workdir
   shared = shared or root
-  c = _load_stage_config(config.stage_config, stage)
+  c = load_config_file(config.stage_config, stage)
   c.seed = config.seed
   c.data.data_dir = os.path.join(root, "world", "tfds")
   c.data.tokenizer = os.path.join(root, "world", "tokenizer")
