@@ -171,3 +171,22 @@ def test_report_files(tmp_path):
           "This run took 21 s.") in (tmp_path / "report.md").read_text()
   saved = json.loads((tmp_path / "report.json").read_text())
   assert saved["reused"] == ["world"] and saved["this_run_seconds"] == 21.0
+
+
+class _EchoModel:
+  """Answers "red" to every question (a stand-in for ``metamorph.load``'s model)."""
+
+  def generate(self, prompts, images, max_new_tokens):
+    return [type("Out", (), {"text": "red"})() for _ in prompts]
+
+
+@pytest.mark.parametrize("limit, graded, right", [(0, 5, 3), (2, 2, 2), (4, 4, 3)])
+def test_understanding_grades_the_first_limit_questions_0_all(limit, graded, right, monkeypatch):
+  monkeypatch.setattr(report, "_images", lambda record, world: [])
+  def question(answer, task="qa"):
+    return {"id": answer, "task": task, "image": ["a.png"], "meta": {"questions": ["color"]},
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": answer}]}
+  records = [question("red"), question("red"), question("blue"), question("red"), question("green"),
+             {**question("red"), "image": []}]  # no image: not an understanding question
+  u = report.understanding(_EchoModel(), "world", records, limit)
+  assert (u["n"], round(u["accuracy"] * u["n"])) == (graded, right)

@@ -73,9 +73,10 @@ def scene(record: dict) -> str:
 
 
 def understanding(mm, world: str, records: list[dict], limit: int) -> dict[str, Any]:
-  """Exact-match accuracy of text answers, overall, by question type and by ``scene``."""
+  """Exact-match accuracy of text answers, overall, by question type and by ``scene``, on the
+  first ``limit`` questions of ``records`` (0: all of them)."""
   items = [r for r in records if _single_turn(r) and "<image>" not in r["conversations"][1]["value"]
-           and r.get("image")][:limit]
+           and r.get("image")][:limit or None]
   by_type: dict[str, list[bool]] = defaultdict(list)
   by_scene: dict[str, list[bool]] = defaultdict(list)
   examples = []
