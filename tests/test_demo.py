@@ -63,6 +63,26 @@ def test_finished_stage_is_skipped(tmp_path):
     workflow.train_stage(c, "siglip")
 
 
+def test_stage_trained_on_another_world_is_an_error(tmp_path):
+  """A world rebuilt with other training splits stops its finished stages; another validation
+  split does not."""
+  c = _demo_config(str(tmp_path))
+  c.presets.quick.update(world=6, validation=4, captions=4, language=4)
+  workflow.build_world(c)
+  done = {"steps": c.presets.quick.siglip_steps, "seconds": 1.0, "last": {},
+          "config": json.loads(workflow.stage_config(c, "siglip").to_json()),
+          "world": workflow._world_settings(str(tmp_path))}
+  os.makedirs(tmp_path / "siglip")
+  (tmp_path / "siglip" / workflow.DONE_FILE).write_text(json.dumps(done))
+  c.presets.quick.validation = 5
+  workflow.build_world(c)
+  assert workflow.train_stage(c, "siglip") == done
+  c.presets.quick.world = 7
+  workflow.build_world(c)
+  with pytest.raises(ValueError, match=r"finished on a world built with other settings \(changed: n\); delete"):
+    workflow.train_stage(c, "siglip")
+
+
 def test_world_and_stage_of_other_code_are_reused_with_a_warning(tmp_path, capsys):
   c = _demo_config(str(tmp_path))
   c.presets.quick.update(world=6, validation=4, captions=4, language=4)

@@ -1,9 +1,10 @@
 """The demo's building blocks: the shapes world and the five stages of configs/toy.py,
 each in its own resumable workdir (used by ``train.demo`` and ``train.experiments``).
 
-A stage that finished (``STAGE/done.json`` records its steps, config and ``code_version``)
-is skipped on a rerun with the same config; with another config it is an error naming the
-fields that changed (nothing is deleted). A world whose ``world.json`` matches the config is
+A stage that finished (``STAGE/done.json`` records its steps, config, the settings of the
+world it trained on and ``code_version``) is skipped on a rerun with the same config and
+world; with another config, or a world rebuilt with other training splits, it is an error
+naming the fields that changed (nothing is deleted). A world whose ``world.json`` matches the config is
 reused. A world or a finished stage made by other code (``metamorph/`` or ``train/`` changed
 since) is reused with a warning that says what to delete.
 """
@@ -140,6 +141,16 @@ def _changed(old: dict, new: dict) -> list[str]:
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def _world_settings(root: str) -> dict | None:
+  """The settings that make the training splits of the world under ``root`` (all of
+  ``world.json``'s args but the validation size); None when there is no world."""
+  from metamorph.data import shapes
+  path = os.path.join(root, "world", shapes.WORLD_FILE)
+  if not os.path.isfile(path):
+    return None
+  return {k: v for k, v in read_json(path).get("args", {}).items() if k != "val_n"}
+
+
 def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None = None,
                 shared: str | None = None) -> dict:
   """Trains one stage in ``ROOT/STAGE`` (resuming, or skipping it when done or when the
@@ -151,20 +162,25 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None 
   if c.train.steps == 0:
     print(f"{stage}: 0 steps in this preset, skipped")
     return {"steps": 0, "seconds": 0.0}
-  wanted = json.loads(c.to_json())
+  wanted, world = json.loads(c.to_json()), _world_settings(root or config.workdir)
   done = done_record(workdir)
   if done is not None:
     changed = _changed(done.get("config", wanted), wanted)
     if changed:
       raise ValueError(f"{workdir} finished with another config (changed: {', '.join(changed[:8])}); "
                        f"delete {workdir} (and the later stages) to retrain, or use another config.workdir")
+    changed = _changed(done["world"], world) if done.get("world") and world else []  # older records: none
+    if changed:
+      raise ValueError(f"{workdir} finished on a world built with other settings (changed: "
+                       f"{', '.join(changed[:8])}); delete {workdir} (and the later stages) to retrain "
+                       "on this world, or use another config.workdir")
     if done.get("steps") == c.train.steps:
       print(f"{stage}: done ({c.train.steps} steps in {done['seconds']:.0f}s), skipped")
       _warn_if_other_code(done, f"{stage}: warning: {workdir}", f"{workdir} and the later stages")
       return done
   start = time.perf_counter()
   last = run(c, workdir)
-  done = {"steps": c.train.steps, "seconds": time.perf_counter() - start, "config": wanted,
+  done = {"steps": c.train.steps, "seconds": time.perf_counter() - start, "config": wanted, "world": world,
           "code": code_version(), "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
   write_json(os.path.join(workdir, DONE_FILE), done)
   return done
