@@ -4,9 +4,9 @@ each in its own resumable workdir (used by ``train.demo`` and ``train.experiment
 A stage that finished (``STAGE/done.json`` records its steps, config, the settings of the
 world it trained on and ``code_version``) is skipped on a rerun with the same config and
 world; with another config, or a world rebuilt with other training splits, it is an error
-naming the fields that changed (nothing is deleted). A world whose ``world.json`` matches the config is
-reused. A world or a finished stage made by other code (``metamorph/`` or ``train/`` changed
-since) is reused with a warning that says what to delete.
+naming the fields that changed (nothing is deleted). A world whose ``world.json`` matches
+the config is reused. A world or a finished stage made by other code (``metamorph/`` or
+``train/`` changed since) is reused with a warning that says what to delete.
 """
 from __future__ import annotations
 
