@@ -165,15 +165,12 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None 
   wanted, world = json.loads(c.to_json()), _world_settings(root or config.workdir)
   done = done_record(workdir)
   if done is not None:
-    changed = _changed(done.get("config", wanted), wanted)
-    if changed:
-      raise ValueError(f"{workdir} finished with another config (changed: {', '.join(changed[:8])}); "
-                       f"delete {workdir} (and the later stages) to retrain, or use another config.workdir")
-    changed = _changed(done["world"], world) if done.get("world") and world else []  # older records: none
-    if changed:
-      raise ValueError(f"{workdir} finished on a world built with other settings (changed: "
-                       f"{', '.join(changed[:8])}); delete {workdir} (and the later stages) to retrain "
-                       "on this world, or use another config.workdir")
+    world_changed = _changed(done["world"], world) if done.get("world") and world else []  # older records: none
+    for what, changed in (("with another config", _changed(done.get("config", wanted), wanted)),
+                          ("on a world built with other settings", world_changed)):
+      if changed:
+        raise ValueError(f"{workdir} finished {what} (changed: {', '.join(changed[:8])}); delete {workdir} "
+                         "(and the later stages) to retrain, or use another config.workdir")
     if done.get("steps") == c.train.steps:
       print(f"{stage}: done ({c.train.steps} steps in {done['seconds']:.0f}s), skipped")
       _warn_if_other_code(done, f"{stage}: warning: {workdir}", f"{workdir} and the later stages")
