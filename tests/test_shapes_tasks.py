@@ -166,7 +166,9 @@ def _worked_answer(kind: str, question: str, a: dict, b: dict) -> tuple[str, str
     verdict = "yes" if a[attr] == b[attr] else "no"
   else:
     first = a["size"] == "large" if kind == "which_larger" else bool(re.search(rf"\b{a[attr]}\b", question))
-    verdict = "the first" if first else "the second"
+    named = a if first else b
+    target = {"shape": f"the {named['shape']}", "color": f"the {named['color']} one"}.get(attr, "the larger one")
+    verdict = f"{target} is the {'first' if first else 'second'}"
   def phrase(obj: dict) -> str:
     return {"shape": f"a {obj['shape']}", "position": shapes_tasks.WHERE[obj["position"]]}.get(attr, obj[attr])
   return f"The first is {phrase(a)}, the second is {phrase(b)}: {verdict}.", verdict

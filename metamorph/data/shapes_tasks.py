@@ -18,7 +18,8 @@ Task kinds (``TASKS``):
   next_frame   2-3 frames of an object moving in a straight line -> the next frame.
   video_qa     the same kind of frames -> direction, end position, colour, shape.
   multi_image  two images -> same colour / shape / size / position? which one shows X?
-               Answered worked: "The first is red, the second is blue: no."
+               Answered worked: "The first is red, the second is blue: no.", "The first
+               is a circle, the second is a square: the square is the second."
   text         language-only questions about the world ("Which shape has three corners?"),
                or (``TEXT_COMPARISON_PROB``) a multi_image comparison told in words.
   caption      an image and its caption only: the image-text pairs of the SigLIP stage
@@ -153,9 +154,14 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
   "multi_which_color": ("Which image shows the {color} shape, the first or the second?",),
   "multi_which_larger": ("Which shape is larger, the first or the second?",
                          "Which image shows the larger shape, the first or the second?"),
-  # worked answers: what each image shows, then the verdict ("yes", "no", "the second")
+  # worked answers: what each image shows, then the verdict ("yes", "no", "the square is the second")
   "multi_answer": ("The first is {a}, the second is {b}: {verdict}.",),
-  "multi_verdict": ("the {ordinal}",),
+  # a which-verdict restates the question's target next to the words it is compared with
+  # (understanding 92.8 -> 98.0%, which shape / colour 52 / 63 -> 98 / 100%; findings 15)
+  "multi_verdict": ("{target} is the {ordinal}",),
+  "multi_target_shape": ("the {shape}",),
+  "multi_target_color": ("the {color} one",),
+  "multi_target_larger": ("the larger one",),
   "multi_told": ("The first image shows {desc}, the second {desc2}. {question}",),
   "fact_corners": ("How many corners does a {shape} have?",),
   "fact_opposite": ("What is the opposite of {word}?",),
@@ -482,9 +488,10 @@ def _comparison(rng: np.random.Generator) -> tuple[str, str, tuple[Shape, Shape]
     first = bool(rng.random() < 0.5)  # the named attribute is the first image's
     if kind == "which_larger":
       first = a.size == "large"
-    question = _t(rng, f"multi_{kind}", shape=a.shape if first else b.shape,
-                  color=a.color if first else b.color)
-    verdict = TEMPLATES["multi_verdict"][0].format(ordinal=ORDINALS[0 if first else 1])
+    named = {"shape": (a if first else b).shape, "color": (a if first else b).color}  # the answer's
+    question = _t(rng, f"multi_{kind}", **named)
+    target = TEMPLATES[f"multi_target_{kind[len('which_'):]}"][0].format(**named)
+    verdict = TEMPLATES["multi_verdict"][0].format(target=target, ordinal=ORDINALS[0 if first else 1])
   a, b = shapes.place(a, rng), shapes.place(b, rng)
   answer = TEMPLATES["multi_answer"][0].format(
     a=_attribute_phrase(a, attr), b=_attribute_phrase(b, attr), verdict=verdict)
