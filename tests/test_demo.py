@@ -44,9 +44,17 @@ def test_stage_configs_chain_the_stages(tmp_path):
 
 def test_unknown_preset_is_a_clear_error(tmp_path):
   c = _demo_config(str(tmp_path), preset="quick")
-  c.preset = "fast"
-  with pytest.raises(ValueError, match="config.preset is 'fast'; use one of"):
+  c.preset = "medium"
+  with pytest.raises(ValueError, match="config.preset is 'medium'; use one of \\['fast', 'full', 'quick'\\]"):
     workflow.preset(c)
+
+
+def test_every_preset_sets_the_same_fields(tmp_path):
+  c = _demo_config(str(tmp_path))
+  for name in c.presets:
+    assert sorted(c.presets[name]) == sorted(c.presets.full), name
+    c.preset = name
+    assert workflow.stage_config(c, "vpit").train.steps == c.presets[name].vpit_steps
 
 
 def test_finished_stage_is_skipped(tmp_path):

@@ -1,6 +1,6 @@
 """The main job (``make demo``): build the shapes world, train the five stages, grade.
 
-``python -m train.demo [--config configs/demo.py] [--config.preset=quick]``
+``python -m train.demo [--config configs/demo.py] [--config.preset=full|fast|quick]``
 
 Each stage trains in its own workdir under ``config.workdir`` (``siglip``,
 ``visualizer``, ``language``, ``connector``, ``vpit``) and is resumable; finished stages and an
