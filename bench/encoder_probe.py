@@ -91,7 +91,7 @@ def main() -> None:
   from flax import nnx
 
   from metamorph.convert.siglip import load_siglip
-  from metamorph.convert.tensors import exported
+  from metamorph.model_folder import exported
   from metamorph.data import shapes
   from metamorph.models.siglip import visual_tokens
   tower = load_siglip(exported(args.siglip), tower="vision")

@@ -34,21 +34,18 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from metamorph.convert import ConversionError, load_llm, smollm2_gguf_path, tensors
+from metamorph.convert import ConversionError, load_llm, smollm2_gguf_path
+from metamorph.files import read_json
+from metamorph.model_folder import exported, is_converted, read_converted
+from metamorph.params import build_module, module_params
 from metamorph.data.conversation import TokenLayout, format_conversation
 from metamorph.data.images import load_image, preprocess
-from metamorph.data.records import IMAGE_PLACEHOLDER
 from metamorph.generate import Engine, Prompt, SamplingParams
 from metamorph.models.llama import Llama
-from metamorph.models.metamorph import (
-  IMAGE_END,
-  IMAGE_START,
-  MetaMorph,
-  MetaMorphConfig,
-)
+from metamorph.models.metamorph import MetaMorph, MetaMorphConfig
+from metamorph.tokens import IM_END, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START
 
 METAMORPH_KIND, VISUALIZER_KIND, LLM_KIND = "metamorph", "visualizer", "llm"
-IM_END = "<|im_end|>"        # ChatML's end of turn, a stop token when the vocabulary has it
 ROLES = ("system", "user", "assistant")
 
 
@@ -71,13 +68,13 @@ def load_visualizer_model(path: str):
   """The ``VisualizerModel`` (frozen SigLIP tower + visualizer) of a visualizer-stage
   workdir or its exported folder."""
   from metamorph.models.visualizer import VisualizerModel, VisualizerModelConfig
-  folder = tensors.exported(path)
-  if not tensors.is_converted(folder):
+  folder = exported(path)
+  if not is_converted(folder):
     raise ConversionError(f"{path}: not a visualizer checkpoint (a visualizer-stage workdir or its "
                           "exported 'model' folder)")
-  meta, params = tensors.read_converted(folder, VISUALIZER_KIND)
+  meta, params = read_converted(folder, VISUALIZER_KIND)
   config = VisualizerModelConfig.from_dict(meta["config"])
-  return tensors.build_module(lambda: VisualizerModel(config, rngs=nnx.Rngs(0)), params, folder)
+  return build_module(lambda: VisualizerModel(config, rngs=nnx.Rngs(0)), params, folder)
 
 
 def _resolve(entry: str, checkpoint: str, folder: str) -> str | None:
@@ -100,20 +97,20 @@ def load(path: str, visualizer: Any = None) -> MetaMorphModel:
   if not os.path.exists(source):
     raise ConversionError(f"{source}: no such checkpoint (a training workdir, a converted folder, "
                           "a transformers folder, a .gguf file, or 'smollm2')")
-  folder = tensors.exported(source) if os.path.isdir(source) else source
-  kind = tensors.read_json(os.path.join(folder, "config.json")).get("kind") if tensors.is_converted(folder) else None
+  folder = exported(source) if os.path.isdir(source) else source
+  kind = read_json(os.path.join(folder, "config.json")).get("kind") if is_converted(folder) else None
   if kind == VISUALIZER_KIND:
     raise ConversionError(f"{source}: holds a visualizer; load the MetaMorph checkpoint and pass this "
                           "one as visualizer=")
   if kind == METAMORPH_KIND:
     from metamorph.convert.llama import load_tokenizer
-    meta, params = tensors.read_converted(folder, METAMORPH_KIND)
+    meta, params = read_converted(folder, METAMORPH_KIND)
     try:
       config = MetaMorphConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as e:
       raise ConversionError(f"{folder}/config.json: invalid MetaMorph config ({e})") from e
     config = config.replace(llm=config.llm.replace(remat="none"))
-    model = tensors.build_module(lambda: MetaMorph(config, rngs=nnx.Rngs(0)), params, folder)
+    model = build_module(lambda: MetaMorph(config, rngs=nnx.Rngs(0)), params, folder)
     tokenizer = load_tokenizer(folder)
     if visualizer is None and meta.get("visualizer"):
       visualizer = _resolve(meta["visualizer"], source, folder)
@@ -138,7 +135,7 @@ _ENCODER_RTOL, _ENCODER_ATOL = 1e-2, 1e-6
 
 def _token_params(tower: nnx.Module) -> dict[str, np.ndarray]:
   """The SigLIP tower's tensors its visual tokens depend on (not the MAP head, not post_ln)."""
-  return {k: v for k, v in tensors.module_params(tower).items() if not k.startswith(("head/", "post_ln/"))}
+  return {k: v for k, v in module_params(tower).items() if not k.startswith(("head/", "post_ln/"))}
 
 
 def _check_same_encoder(ours: nnx.Module, theirs: nnx.Module, source: str, visualizer: str) -> None:

@@ -12,7 +12,8 @@ from PIL import Image
 
 import metamorph
 from metamorph.api import MetaMorphModel
-from metamorph.convert import ConversionError, tensors
+from metamorph.convert import ConversionError
+from metamorph.params import load_module_params, module_params
 from metamorph.convert.llama import save_llm
 from metamorph.data.world_tokenizer import build_world_tokenizer
 from metamorph.generate import PromptTooLong
@@ -154,9 +155,9 @@ def test_visualizer_of_another_encoder_is_refused(tmp_path, run):
   with pytest.raises(ConversionError, match=f"{other}: this visualizer was trained on another SigLIP encoder"):
     metamorph.load(run, visualizer=other)
   rounded = fx.tiny_visualizer()
-  ours = tensors.module_params(mm.model.vision)
-  tensors.load_module_params(rounded.vision, {k: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32)
+  ours = module_params(mm.model.vision)
+  load_module_params(rounded.vision, {k: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32)
                                               for k, v in ours.items()}, "bf16")
-  assert not np.array_equal(tensors.module_params(rounded.vision)["pos_embed"], ours["pos_embed"])
+  assert not np.array_equal(module_params(rounded.vision)["pos_embed"], ours["pos_embed"])
   model_init.export(rounded, None, os.path.join(str(tmp_path / "rounded"), model_init.MODEL_DIR))
   assert metamorph.load(run, visualizer=str(tmp_path / "rounded")).visualizer is not None

@@ -7,7 +7,7 @@ import pytest
 
 from metamorph.data.conversation import TokenLayout, format_conversation
 from metamorph.data.records import DropCounts, RecordError, parse_line, read_records
-from metamorph.models.metamorph import IGNORE
+from metamorph.tokens import IGNORE
 
 M = 3
 LLAMA3_TEMPLATE = (  # Meta-Llama-3-8B-Instruct's chat template

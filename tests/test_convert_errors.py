@@ -10,7 +10,8 @@ import pytest
 
 from metamorph.convert import ConversionError, load_llm
 from metamorph.convert.__main__ import main as convert_main
-from metamorph.convert.tensors import load_module_params, module_params, read_safetensors, write_safetensors
+from metamorph.params import load_module_params, module_params
+from metamorph.files import read_safetensors, write_safetensors
 from tests.llama_fixtures import save_hf_llama
 
 

@@ -18,7 +18,7 @@ from flax.traverse_util import flatten_dict
 from metamorph.convert import ConversionError
 from metamorph.convert import visualizer as V
 from metamorph.convert.__main__ import main as convert_main
-from metamorph.convert.tensors import read_safetensors_file, write_json, write_safetensors
+from metamorph.files import read_safetensors_file, write_json, write_safetensors
 
 UNET_KW = {"sample_size": 16, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64),
            "layers_per_block": 1, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),

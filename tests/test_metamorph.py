@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from metamorph.models.llama import Llama, LlamaConfig
-from metamorph.models.metamorph import (IGNORE, MetaMorph, MetaMorphConfig, add_image_tokens,
-                                        resize_vocab, vpit_loss)
+from metamorph.models.metamorph import MetaMorph, MetaMorphConfig, add_image_tokens, resize_vocab, vpit_loss
+from metamorph.tokens import IGNORE
 
 M, DV = 4, 6  # visual tokens per image, visual token width
 

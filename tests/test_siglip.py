@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from metamorph import sharding
 from metamorph.convert import siglip as convert
-from metamorph.convert.tensors import ConversionError
+from metamorph.files import ConversionError
 from metamorph.models import siglip as S
 
 IMAGE, PATCH = 24, 4  # a 6 x 6 patch grid

@@ -205,7 +205,7 @@ def test_two_processes_match_one_process(runs):
   print(f"max relative loss difference, 2 processes x 4 devices vs 1 x 8: {rel:.3g}")
   assert rel <= RTOL, (mesh, two)
   # the final model is gathered from both processes and exported by process 0
-  from metamorph.convert.tensors import read_safetensors_file
+  from metamorph.files import read_safetensors_file
   a, b = (read_safetensors_file(os.path.join(dirs[k], "model", "model.safetensors")) for k in ("mesh", "two"))
   assert a.keys() == b.keys()
   for k in a:

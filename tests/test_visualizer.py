@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from metamorph.convert.tensors import build_module, module_params
+from metamorph.params import build_module, module_params
 from metamorph.models import visualizer as V
 from metamorph.models.siglip import SiglipVisionConfig
 

@@ -15,13 +15,16 @@ from flax import nnx
 
 from metamorph.convert import ConversionError, read_llm
 from metamorph.convert import siglip as siglip_convert
-from metamorph.convert import tensors
-from metamorph.convert.tensors import exported
+from metamorph.files import read_safetensors_file
+from metamorph.model_folder import MODEL_DIR, write_converted
+from metamorph.params import load_module_params, module_params
+from metamorph.model_folder import exported
 from metamorph.models.llama import LlamaConfig
-from metamorph.models.metamorph import IMAGE_END, IMAGE_START, MetaMorph, MetaMorphConfig
+from metamorph.models.metamorph import MetaMorph, MetaMorphConfig
+from metamorph.tokens import IMAGE_END, IMAGE_START
 from metamorph.models.siglip import Siglip, SiglipConfig, SiglipTextConfig, SiglipVisionConfig
 
-MODEL_DIR = tensors.MODEL_DIR  # WORKDIR/model: the exported model of a run
+MODEL_DIR = MODEL_DIR  # WORKDIR/model: the exported model of a run
 METAMORPH_KIND = "metamorph"
 VISUALIZER_KIND = "visualizer"
 
@@ -142,33 +145,33 @@ def _resized_llm_params(model_spec: ModelSpec) -> dict[str, np.ndarray]:
   from metamorph.convert.llama import build
   old = model_spec.config.llm.replace(vocab_size=model_spec.llm_vocab)
   llm = build(old, model_spec.llm_params, "config.model.llm_init")
-  return tensors.module_params(resize_vocab(llm, model_spec.config.llm.vocab_size))
+  return module_params(resize_vocab(llm, model_spec.config.llm.vocab_size))
 
 
 def load_pretrained(model: nnx.Module, model_spec: ModelSpec, config: ml_collections.ConfigDict) -> None:
   """Overwrites parts of ``model`` with the pretrained weights the config names."""
   if isinstance(model, Siglip):
     if config.model.siglip_init:
-      tensors.load_module_params(model, tensors.module_params(siglip_convert.load_siglip(
+      load_module_params(model, module_params(siglip_convert.load_siglip(
           exported(config.model.siglip_init), **_dtypes(config))), config.model.siglip_init)
     return
   if config.stage == "visualizer" and config.model.visualizer_init:
     _load_stable_diffusion(model.visualizer, config.model.visualizer_init)
   if model_spec.llm_params is not None:
-    tensors.load_module_params(model.llm, _resized_llm_params(model_spec), config.model.llm_init)
+    load_module_params(model.llm, _resized_llm_params(model_spec), config.model.llm_init)
   if config.model.siglip_init:
-    tensors.load_module_params(model.vision, tensors.module_params(siglip_convert.load_siglip(
+    load_module_params(model.vision, module_params(siglip_convert.load_siglip(
         exported(config.model.siglip_init), tower="vision", **_dtypes(config))), config.model.siglip_init)
 
 
 def _load_stable_diffusion(visualizer: nnx.Module, path: str) -> None:
   """The UNet and VAE weights of a Stable Diffusion folder; the adapter keeps its init."""
   sd = visualizer_convert().read_stable_diffusion(exported(path))["params"]
-  params = tensors.module_params(visualizer)
+  params = module_params(visualizer)
   for part in ("unet", "vae"):
     flat = {f"{part}/" + "/".join(k): v for k, v in _flatten(sd[part] or {})}
     params.update(flat)
-  tensors.load_module_params(visualizer, params, path)
+  load_module_params(visualizer, params, path)
 
 
 def _flatten(tree: dict, prefix: tuple = ()):
@@ -182,7 +185,7 @@ def _flatten(tree: dict, prefix: tuple = ()):
 def load_run(model: nnx.Module, workdir: str) -> None:
   """Overwrites ``model``'s parameters with another run's exported model (init_from)."""
   path = os.path.join(exported(workdir), "model.safetensors")
-  tensors.load_module_params(model, tensors.read_safetensors_file(path), path)
+  load_module_params(model, read_safetensors_file(path), path)
 
 
 def export(model: nnx.Module, tokenizer, dst: str, visualizer: str = "") -> None:
@@ -193,6 +196,6 @@ def export(model: nnx.Module, tokenizer, dst: str, visualizer: str = "") -> None
   else:
     kind = METAMORPH_KIND if isinstance(model, MetaMorph) else VISUALIZER_KIND
     meta = {"visualizer": visualizer} if visualizer and kind == METAMORPH_KIND else {}
-    tensors.write_converted(dst, kind, model.config.to_dict(), model, **meta)
+    write_converted(dst, kind, model.config.to_dict(), model, **meta)
   if tokenizer is not None:
     tokenizer.save_pretrained(dst)

@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 from flax.traverse_util import flatten_dict
 
-from metamorph.convert.tensors import read_json, write_json
+from metamorph.files import read_json, write_json
 
 STAGES = ("siglip", "visualizer", "language", "connector", "vpit")  # in training order
 SHARED_STAGES = ("siglip", "visualizer", "language")  # what train.experiments runs share

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from metamorph.convert.tensors import ConversionError
+from metamorph.files import ConversionError
 
 __all__ = ["ConversionError", "load_llm", "read_llm", "smollm2_gguf_path"]
 
@@ -16,7 +16,8 @@ def read_llm(path: str, **overrides):
 
   ``overrides`` replace config fields, e.g. ``dtype="bfloat16"``.
   """
-  from metamorph.convert import gguf, llama, tensors
+  from metamorph.convert import gguf, llama
+  from metamorph.model_folder import is_converted
   if path.endswith(".gguf"):
     hf_cfg, hf_tensors = gguf.read_gguf(path)
     config = llama.config_from_hf(hf_cfg, path, **overrides)
@@ -24,7 +25,7 @@ def read_llm(path: str, **overrides):
   if not os.path.isdir(path):
     raise ConversionError(f"{path}: no such file or folder (expected a .gguf file, a transformers "
                           "folder or a folder written by `python -m metamorph.convert llm`)")
-  if tensors.is_converted(path):
+  if is_converted(path):
     config, params = llama.read_converted(path, **overrides)
   else:
     config, params = llama.read_hf_folder(path, **overrides)

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from metamorph.convert.tensors import ConversionError
+from metamorph.files import ConversionError
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

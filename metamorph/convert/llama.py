@@ -13,8 +13,10 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
-from metamorph.convert import tensors as T
-from metamorph.convert.tensors import ConversionError, TensorMap
+from metamorph.files import ConversionError, read_json, read_safetensors, take, write_json, write_safetensors
+from metamorph import model_folder
+from metamorph.params import build_module, module_params
+from metamorph.convert.tensor_map import TensorMap
 from metamorph.models.llama import Llama, LlamaConfig, RopeScaling
 
 LLM_KIND = "llm"
@@ -130,7 +132,7 @@ def config_to_hf(c: LlamaConfig, tokenizer=None) -> dict:
 
 def params_from_hf(c: LlamaConfig, hf: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
   """Our flat params from transformers-named tensors (extra HF tensors are ignored)."""
-  return {m.ours: m.from_hf(T.take(hf, m.hf, m.hf_shape, source)) for m in hf_layout(c)}
+  return {m.ours: m.from_hf(take(hf, m.hf, m.hf_shape, source)) for m in hf_layout(c)}
 
 
 def params_to_hf(c: LlamaConfig, ours: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -139,7 +141,7 @@ def params_to_hf(c: LlamaConfig, ours: Mapping[str, np.ndarray]) -> dict[str, np
 
 def build(config: LlamaConfig, params: Mapping[str, np.ndarray], source: str) -> Llama:
   """A ``Llama`` holding ``params``; no random initialisation is run."""
-  return T.build_module(lambda: Llama(config, rngs=nnx.Rngs(0)), params, source)
+  return build_module(lambda: Llama(config, rngs=nnx.Rngs(0)), params, source)
 
 
 # ----------------------------------------------------------------------------- folders
@@ -161,16 +163,16 @@ def load_tokenizer(folder: str, **kwargs):
 def read_hf_folder(folder: str, **overrides) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
   """(config, our flat params) from a transformers LLaMA folder."""
   cfg_path = os.path.join(folder, "config.json")
-  config = config_from_hf(T.read_json(cfg_path), cfg_path, **overrides)
-  return config, params_from_hf(config, T.read_safetensors(folder), folder)
+  config = config_from_hf(read_json(cfg_path), cfg_path, **overrides)
+  return config, params_from_hf(config, read_safetensors(folder), folder)
 
 
 def export_hf(model: Llama, tokenizer, dst: str) -> None:
   """Writes ``model`` as a transformers ``LlamaForCausalLM`` folder."""
   os.makedirs(dst, exist_ok=True)
-  T.write_json(os.path.join(dst, "config.json"), config_to_hf(model.config, tokenizer))
-  hf = params_to_hf(model.config, T.module_params(model))
-  T.write_safetensors(os.path.join(dst, "model.safetensors"),
+  write_json(os.path.join(dst, "config.json"), config_to_hf(model.config, tokenizer))
+  hf = params_to_hf(model.config, module_params(model))
+  write_safetensors(os.path.join(dst, "model.safetensors"),
                       {k: v.astype(np.float32) for k, v in hf.items()})
   if tokenizer is not None:
     tokenizer.save_pretrained(dst)
@@ -178,13 +180,13 @@ def export_hf(model: Llama, tokenizer, dst: str) -> None:
 
 def save_llm(model: Llama, tokenizer, dst: str) -> None:
   """Writes our converted checkpoint: config.json, model.safetensors, tokenizer."""
-  T.write_converted(dst, LLM_KIND, model.config.to_dict(), model)
+  model_folder.write_converted(dst, LLM_KIND, model.config.to_dict(), model)
   if tokenizer is not None:
     tokenizer.save_pretrained(dst)
 
 
 def read_converted(folder: str, **overrides) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-  meta, params = T.read_converted(folder, LLM_KIND)
+  meta, params = model_folder.read_converted(folder, LLM_KIND)
   try:
     config = LlamaConfig.from_dict({**meta["config"], **overrides})
   except (TypeError, ValueError) as e:

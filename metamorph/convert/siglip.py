@@ -16,8 +16,10 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
-from metamorph.convert import tensors as T
-from metamorph.convert.tensors import ConversionError, TensorMap
+from metamorph.files import ConversionError, SAFETENSORS_INDEX, read_json, read_safetensors, take
+from metamorph import model_folder
+from metamorph.params import build_module
+from metamorph.convert.tensor_map import TensorMap
 from metamorph.models.siglip import (Siglip, SiglipConfig, SiglipTextConfig, SiglipTextTower,
                                      SiglipVisionConfig, SiglipVisionTower)
 
@@ -139,7 +141,7 @@ def hf_layout(config: AnyConfig, hf_prefix: str = "") -> list[TensorMap]:
 def params_from_hf(config: AnyConfig, hf: Mapping[str, np.ndarray], source: str,
                    hf_prefix: str = "") -> dict[str, np.ndarray]:
   """Our flat params from transformers-named tensors (extra HF tensors are ignored)."""
-  return {m.ours: m.from_hf(T.take(hf, m.hf, m.hf_shape, source)) for m in hf_layout(config, hf_prefix)}
+  return {m.ours: m.from_hf(take(hf, m.hf, m.hf_shape, source)) for m in hf_layout(config, hf_prefix)}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -160,7 +162,7 @@ def config_from_hf(hf: Mapping, source: str, **overrides) -> AnyConfig:
 def _weights_source(folder: str) -> str:
   """The file to name in errors about the folder's tensors."""
   files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-  if os.path.isfile(os.path.join(folder, T.SAFETENSORS_INDEX)) or len(files) != 1:
+  if os.path.isfile(os.path.join(folder, SAFETENSORS_INDEX)) or len(files) != 1:
     return os.path.join(folder, "*.safetensors")
   return os.path.join(folder, files[0])
 
@@ -192,9 +194,9 @@ def load_hf_siglip(folder: str, tower: str | None = None,
   ``overrides`` set config fields of every tower, e.g. ``dtype="bfloat16"``.
   """
   cfg_path = os.path.join(folder, "config.json")
-  full = config_from_hf(T.read_json(cfg_path), cfg_path, **overrides)
+  full = config_from_hf(read_json(cfg_path), cfg_path, **overrides)
   config = _select(full, tower, cfg_path)
-  hf = T.read_safetensors(folder)
+  hf = read_safetensors(folder)
   if isinstance(full, SiglipConfig):
     hf_prefix = "" if config is full else _HF_PREFIX[tower_of(config)]
   else:
@@ -206,7 +208,7 @@ def read_converted(folder: str, tower: str | None = None,
                    **overrides) -> tuple[AnyConfig, dict[str, np.ndarray]]:
   """(config, our flat params) from a folder written by ``convert_siglip``."""
   cfg_path = os.path.join(folder, "config.json")
-  meta, params = T.read_converted(folder, KIND)
+  meta, params = model_folder.read_converted(folder, KIND)
   classes = {"full": SiglipConfig, "vision": SiglipVisionConfig, "text": SiglipTextConfig}
   if meta.get("tower") not in classes:
     raise ConversionError(f"{cfg_path}: 'tower' must be one of {sorted(classes)}, got {meta.get('tower')!r}")
@@ -228,7 +230,7 @@ def read_siglip(folder: str, tower: str | None = None,
   if not os.path.isdir(folder):
     raise ConversionError(f"{folder}: no such folder (expected a transformers SigLIP folder or "
                           "one written by `python -m metamorph.convert siglip`)")
-  if T.is_converted(folder):
+  if model_folder.is_converted(folder):
     return read_converted(folder, tower, **overrides)
   return load_hf_siglip(folder, tower, **overrides)
 
@@ -238,7 +240,7 @@ def read_siglip(folder: str, tower: str | None = None,
 
 def build(config: AnyConfig, params: Mapping[str, np.ndarray], source: str) -> AnyModel:
   """The module for ``config`` holding ``params``; no random initialisation is run."""
-  return T.build_module(lambda: _MODULES[type(config)](config, rngs=nnx.Rngs(0)), params, source)
+  return build_module(lambda: _MODULES[type(config)](config, rngs=nnx.Rngs(0)), params, source)
 
 
 def load_siglip(folder: str, tower: str | None = None, **overrides) -> AnyModel:
@@ -253,7 +255,7 @@ def load_siglip(folder: str, tower: str | None = None, **overrides) -> AnyModel:
 
 def save_siglip(module: AnyModel, dst: str) -> None:
   """Writes our checkpoint: ``config.json`` and ``model.safetensors``."""
-  T.write_converted(dst, KIND, module.config.to_dict(), module, tower=tower_of(module.config))
+  model_folder.write_converted(dst, KIND, module.config.to_dict(), module, tower=tower_of(module.config))
 
 
 def convert_siglip(src: str, dst: str, tower: str | None = None) -> AnyModel:

@@ -36,8 +36,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from metamorph.convert import tensors as T
-from metamorph.convert.tensors import ConversionError
+from metamorph.files import ConversionError, read_json, read_safetensors_file, write_json, write_safetensors
+from metamorph import model_folder
 
 KIND = "stable_diffusion"
 PARTS = ("unet", "vae")
@@ -325,7 +325,7 @@ def read_diffusers_weights(folder: str, variant: str | None = None
   name = WEIGHTS_NAME + (f".{variant}" if variant else "") + ".safetensors"
   single, index = os.path.join(folder, name), os.path.join(folder, name + ".index.json")
   if os.path.isfile(index):
-    weight_map = T.read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
       raise ConversionError(f"{index}: no 'weight_map' object")
     shards = sorted(set(weight_map.values()))
@@ -339,7 +339,7 @@ def read_diffusers_weights(folder: str, variant: str | None = None
   tensors, files = {}, {}
   for shard in shards:
     path = os.path.join(folder, shard)
-    for key, value in T.read_safetensors_file(path).items():
+    for key, value in read_safetensors_file(path).items():
       tensors[key], files[key] = value, path
   if weight_map is not None:
     missing = sorted(set(weight_map) - set(tensors))
@@ -359,7 +359,7 @@ def _subfolder(folder: str, part: str) -> str:
 def _read_part(folder: str, part: str, to_config, variant: str | None) -> tuple[dict, dict]:
   folder = _subfolder(folder, part)
   cfg_path = os.path.join(folder, "config.json")
-  config = to_config(T.read_json(cfg_path), cfg_path)
+  config = to_config(read_json(cfg_path), cfg_path)
   shapes = param_shapes(part, config, cfg_path)
   tensors, files = read_diffusers_weights(folder, variant)
   return config, params_from_diffusers(part, shapes, tensors, files, folder)
@@ -384,7 +384,7 @@ def read_scheduler(folder: str) -> dict:
     raise ConversionError(f"{folder}: no such folder (expected a diffusers Stable Diffusion folder)")
   sub = os.path.join(folder, "scheduler")
   path = os.path.join(sub if os.path.isdir(sub) else folder, "scheduler_config.json")
-  cfg = T.read_json(path)
+  cfg = read_json(path)
   if "num_train_timesteps" not in cfg:
     raise ConversionError(f"{path}: required field 'num_train_timesteps' is missing")
   return {k: v for k, v in cfg.items() if k not in ("_diffusers_version", "_name_or_path")}
@@ -398,11 +398,11 @@ def read_stable_diffusion(src: str, variant: str | None = None) -> dict:
     raise ConversionError(f"{src}: no such folder (expected a diffusers Stable Diffusion folder with "
                           "unet/, vae/ and scheduler/, or one written by "
                           "`python -m metamorph.convert visualizer`)")
-  if T.is_converted(src):
+  if model_folder.is_converted(src):
     return read_converted_visualizer(src)
   index = os.path.join(src, "model_index.json")
   if os.path.isfile(index):
-    T.read_json(index)  # a garbled pipeline index is reported, not ignored
+    read_json(index)  # a garbled pipeline index is reported, not ignored
   for part in ("unet", "vae", "scheduler"):
     if not os.path.isdir(os.path.join(src, part)):
       raise ConversionError(f"{os.path.join(src, part)}: no such folder (a Stable Diffusion folder "
@@ -451,9 +451,9 @@ def unflatten_params(flat: Mapping[str, np.ndarray], config: Mapping, source: st
 def write_converted_visualizer(dst: str, model: Mapping) -> None:
   """Writes ``dst/config.json`` and ``dst/model.safetensors`` for ``read_stable_diffusion``'s dict."""
   os.makedirs(dst, exist_ok=True)
-  T.write_json(os.path.join(dst, "config.json"),
-               {"format": T.FORMAT, "kind": KIND, "config": dict(model["config"])})
-  T.write_safetensors(os.path.join(dst, "model.safetensors"), flatten_params(model["params"]))
+  write_json(os.path.join(dst, "config.json"),
+               {"format": model_folder.FORMAT, "kind": KIND, "config": dict(model["config"])})
+  write_safetensors(os.path.join(dst, "model.safetensors"), flatten_params(model["params"]))
 
 
 def read_converted_visualizer(folder: str) -> dict:
@@ -462,7 +462,7 @@ def read_converted_visualizer(folder: str) -> dict:
     raise ConversionError(f"{folder}: no such folder (expected one written by "
                           "`python -m metamorph.convert visualizer`)")
   cfg_path = os.path.join(folder, "config.json")
-  meta, flat = T.read_converted(folder, KIND)
+  meta, flat = model_folder.read_converted(folder, KIND)
   config = meta["config"]
   for part in (*PARTS, "scheduler"):
     if not isinstance(config.get(part), dict):

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from metamorph.data.records import IMAGE_PLACEHOLDER, RecordError
-from metamorph.models.metamorph import IGNORE, IMAGE_END, IMAGE_START
+from metamorph.data.records import RecordError
+from metamorph.tokens import IGNORE, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START
 
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
 

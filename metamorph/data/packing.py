@@ -36,7 +36,7 @@ import grain
 import numpy as np
 
 from metamorph.data.records import REASONS
-from metamorph.models.metamorph import IGNORE
+from metamorph.tokens import IGNORE
 
 PIPELINE_REASONS: tuple[str, ...] = tuple(REASONS)  # index of each reason in ``dropped``
 _TOKEN_KEYS = ("input_ids", "labels", "visual_index", "visual_target_mask")

@@ -19,7 +19,8 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-IMAGE_PLACEHOLDER = "<image>"
+from metamorph.tokens import IMAGE_PLACEHOLDER
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
 

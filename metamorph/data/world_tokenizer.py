@@ -21,10 +21,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from metamorph.data import shapes_tasks
+from metamorph.tokens import IM_END, IM_START, IMAGE_END, IMAGE_START
 
 PAD, UNK = "<pad>", "<unk>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-IMAGE_START, IMAGE_END = "<image_start>", "<image_end>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, IM_START, IM_END, IMAGE_START, IMAGE_END)
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 

@@ -27,14 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from metamorph.convert.tensors import build_module, module_params
+from metamorph.params import build_module, module_params
 from metamorph.models.llama import Llama, LlamaConfig
 from metamorph.models.siglip import SiglipVisionConfig, SiglipVisionTower, l2_normalize, visual_tokens
 from metamorph.models.config import ModelConfig
 from metamorph.sharding import constrain, logical_init
+from metamorph.tokens import IGNORE, IMAGE_END, IMAGE_START
 
-IGNORE = -100
-IMAGE_START, IMAGE_END = "<image_start>", "<image_end>"
 
 
 @dataclasses.dataclass(frozen=True)
