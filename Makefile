@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-# The whole pipeline on the shapes world: runs/demo/report.md (resumable; see train/demo.py).
+# The whole pipeline on the shapes world: runs/demo/report.md (resumable; see train/demo/).
 demo: setup
 	$(PY) -m train.demo $(DEMO_FLAGS)
 
@@ -35,9 +35,9 @@ demo-fast: setup
 	$(PY) -m train.demo --config.preset=fast --config.workdir=runs/demo_fast $(DEMO_FLAGS)
 
 bench: setup
-	$(PY) bench/llm_forward.py
-	$(PY) bench/train_step.py
-	$(PY) bench/generate.py
+	$(PY) -m bench.llm_forward
+	$(PY) -m bench.train_step
+	$(PY) -m bench.generate
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,6 +1,6 @@
 """How readable the shapes-world attributes are from a SigLIP encoder's visual tokens.
 
-  python bench/encoder_probe.py --siglip runs/demo/siglip [--m 16] [--train 4000]
+  python -m bench.encoder_probe --siglip runs/demo/siglip [--m 16] [--train 4000]
                                 [--test 1000] [--steps 3000]
 
 Renders fresh one-object images (seeds 0-7 for training, 999 for testing; never in
@@ -15,24 +15,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-ATTRIBUTES = ("color", "shape", "size", "position")
+from metamorph.shapes import scene
+from metamorph.shapes.scene import ATTRIBUTES
 
 
 def dataset(encode, n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
   """(tokens [n, m, Dv], labels [n, 4]) of n fresh one-object images."""
-  from metamorph.data import shapes
   rng = np.random.default_rng(seed)
-  scenes = [shapes.sample_shape(rng) for _ in range(n)]
-  images = np.stack([shapes.render(s, size=size, rng=rng) for s in scenes]).astype(np.float32) / 127.5 - 1
-  values = {"color": shapes.COLORS, "shape": shapes.SHAPES, "size": shapes.SIZES, "position": shapes.POSITIONS}
-  labels = np.array([[values[a].index(getattr(s, a)) for a in ATTRIBUTES] for s in scenes], np.int32)
+  scenes = [scene.sample_shape(rng) for _ in range(n)]
+  images = np.stack([scene.render(s, size=size, rng=rng) for s in scenes]).astype(np.float32) / 127.5 - 1
+  labels = np.array([[scene.VALUES[a].index(getattr(s, a)) for a in ATTRIBUTES] for s in scenes], np.int32)
   tokens = np.concatenate([np.asarray(encode(images[i:i + 250])) for i in range(0, n, 250)])
   return tokens, labels
 
@@ -92,7 +87,6 @@ def main() -> None:
 
   from metamorph.convert.siglip import load_siglip
   from metamorph.model_folder import exported
-  from metamorph.data import shapes
   from metamorph.models.siglip import visual_tokens
   tower = load_siglip(exported(args.siglip), tower="vision")
   graphdef, state = nnx.split(tower)
@@ -101,7 +95,7 @@ def main() -> None:
   parts = [dataset(encode, args.train // 8, seed, size) for seed in range(8)]
   x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
   x_test, y_test = dataset(encode, args.test, 999, size)
-  classes = [len(shapes.COLORS), len(shapes.SHAPES), len(shapes.SIZES), len(shapes.POSITIONS)]
+  classes = [len(scene.VALUES[a]) for a in ATTRIBUTES]
   print(f"{args.siglip}: {len(x)} training / {len(x_test)} test images, tokens {x.shape[1:]}")
   print("| probe | " + " | ".join(ATTRIBUTES) + " |\n|---|" + "---|" * len(ATTRIBUTES))
   for name, hidden in (("linear", 0), ("MLP 256", 256)):

@@ -1,9 +1,9 @@
 """Decoding speed: ours (KV-cached, jitted while loop) vs transformers and vs the reference way.
 
-  python bench/generate.py [--new-tokens 128] [--repeats 5] [--image-repeats 3] [--threads N]
+  python -m bench.generate [--new-tokens 128] [--repeats 5] [--image-repeats 3] [--threads N]
 
 1. SmolLM2-135M-Instruct greedy decoding, float32, the same chat prompt, ``--new-tokens``
-   new tokens (no early stop), at batch 1 and 8: tokens/s of ``metamorph.generate.Engine``
+   new tokens (no early stop), at batch 1 and 8: tokens/s of ``metamorph.generation.engine.Engine``
    vs transformers' ``generate`` (PyTorch), and the ratio ours / transformers.
 2. One image answer (m = 64 visual tokens, then ``<image_end>``) from a MetaMorph on
    SmolLM2-135M (random projector and vision head, SO400M's width 1152; the prompt ends
@@ -57,9 +57,12 @@ def main() -> None:
   from transformers import AutoModelForCausalLM
 
   from metamorph.convert import load_llm, smollm2_gguf_path
-  from metamorph.generate import Engine, Prompt, reference_generate
-  from metamorph.models.metamorph import MetaMorph, MetaMorphConfig, add_image_tokens
-  from train import machine
+  from metamorph.generation.engine import Engine
+  from metamorph.generation.prompts import Prompt
+  from tests.reference_decoder import reference_generate
+  from metamorph.models.metamorph import MetaMorph, MetaMorphConfig
+  from metamorph.models.vocab import add_image_tokens
+  from train.demo import machine
 
   path = smollm2_gguf_path()
   llm, tokenizer = load_llm(path)

@@ -1,6 +1,6 @@
 """SmolLM2-135M forward throughput: ours (jax.jit, f32) vs transformers PyTorch (f32).
 
-  python bench/llm_forward.py [--batch 8] [--length 256] [--repeats 5]
+  python -m bench.llm_forward [--batch 8] [--length 256] [--repeats 5]
 
 Both run the same weights (the Q4_1 GGUF dequantised to f32) on the same random
 token batch; prints tokens/s of each and the ratio ours / transformers.
@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from timing import time_it
 
-from train import machine
+from bench.timing import time_it
+from train.demo import machine
 
 
 def main() -> None:

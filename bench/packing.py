@@ -1,8 +1,8 @@
 """Packing: records per row and pipeline speed, first fit over N open rows vs greedy (1 row).
 
-  python bench/packing.py [--config configs/toy.py:vpit] [--rows 1 2 4 8] [--batches 60]
+  python -m bench.packing [--config configs/toy.py:vpit] [--rows 1 2 4 8] [--batches 60]
 
-Builds the stage's training pipeline (``train.data.vpit_batches``: read, decode, format,
+Builds the stage's training pipeline (``train.trainer.batches``: read, decode, format,
 pack, batch; the world of ``make demo`` by default) once per ``data.open_rows`` value and
 reads ``--batches`` batches from the start (same seed, so the same records arrive in the
 same order). Prints per value: the share of token and image slots that hold a record, records
@@ -14,22 +14,18 @@ the same for any packing of [B, T] rows.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from train import trainer
+from train.demo import machine, workflow
 
 
 def measure(config, batches: int) -> dict[str, float]:
   """Slot fills, records per row and rows/s of ``batches`` batches of ``config``'s pipeline."""
-  from metamorph.data.conversation import TokenLayout
-  from train import data, model_init
-  tokenizer = model_init.spec(config, load_weights=False).tokenizer
-  layout = TokenLayout.from_tokenizer(tokenizer, config.model.num_visual_tokens)
-  it = data.vpit_batches(config, tokenizer, layout, config.data.train_split, seed=config.seed)
+  setup = trainer.make_setup(config, load_weights=False)
+  it = trainer.batches(setup, config.data.train_split, seed=config.seed)
   first = next(it)
   start = time.perf_counter()
   rows = [first] + [next(it) for _ in range(batches - 1)]
@@ -48,7 +44,6 @@ def main() -> None:
   parser.add_argument("--batches", type=int, default=60)
   args = parser.parse_args()
 
-  from train import machine, workflow
   path, _, arg = args.config.partition(":")
   config = workflow.load_config_file(path, arg)
   print(f"machine: {machine.line(machine.info())}")

@@ -1,4 +1,4 @@
-"""Timing shared by the benchmark scripts (imported as ``timing`` from their folder)."""
+"""Timing shared by the benchmark scripts."""
 from __future__ import annotations
 
 import statistics

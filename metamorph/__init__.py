@@ -10,7 +10,7 @@ from typing import Any
 __all__ = ["load"]
 
 
-def load(path: str, visualizer: Any = None):
-  """``metamorph.api.load``: a MetaMorph checkpoint or a plain LLM -> ``MetaMorphModel``."""
-  from metamorph.api import load as _load
-  return _load(path, visualizer)
+def load(path: str, visualizer: Any = None, *, route: str = "vpit"):
+  """``metamorph.api.loading.load``: a MetaMorph checkpoint or a plain LLM -> ``MetaMorphModel``."""
+  from metamorph.api.loading import load as _load  # slow import: jax, flax, transformers (`import metamorph` stays light)
+  return _load(path, visualizer, route=route)

@@ -1,4 +1,4 @@
-"""Reading and writing JSON and safetensors files, with errors that name the file.
+"""Reading and writing JSON, safetensors and tokenizer files, with errors that name the file.
 
 Every reader of a checkpoint goes through these functions, so every bad file gets
 the same clear error: which file, which tensor, what was expected.
@@ -51,20 +51,28 @@ def read_safetensors_file(path: str) -> dict[str, np.ndarray]:
         "corrupt, re-download or re-export it") from e
 
 
+def read_sharded(index: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(tensors, {tensor name: file}) of the shards a safetensors ``*.index.json`` lists
+  (shard paths relative to the index's folder); every tensor it lists must be found."""
+  weight_map = read_json(index).get("weight_map")
+  if not isinstance(weight_map, dict):
+    raise ConversionError(f"{index}: no 'weight_map' object")
+  tensors, files = {}, {}
+  for shard in sorted(set(weight_map.values())):
+    path = os.path.join(os.path.dirname(index), shard)
+    for name, value in read_safetensors_file(path).items():
+      tensors[name], files[name] = value, path
+  missing = sorted(set(weight_map) - set(tensors))
+  if missing:
+    raise ConversionError(f"{index}: tensors listed but not found in the shards: {missing[:5]}")
+  return tensors, files
+
+
 def read_safetensors(folder: str) -> dict[str, np.ndarray]:
   """All tensors of a folder: ``model.safetensors`` or a sharded index of them."""
   index = os.path.join(folder, SAFETENSORS_INDEX)
   if os.path.isfile(index):
-    weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-      raise ConversionError(f"{index}: no 'weight_map' object")
-    tensors: dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
-      tensors.update(read_safetensors_file(os.path.join(folder, shard)))
-    missing = sorted(set(weight_map) - set(tensors))
-    if missing:
-      raise ConversionError(f"{index}: tensors listed but not found in the shards: {missing[:5]}")
-    return tensors
+    return read_sharded(index)[0]
   files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
   if not files:
     raise ConversionError(f"{folder}: no *.safetensors file (and no {SAFETENSORS_INDEX})")
@@ -87,3 +95,17 @@ def take(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], s
     raise ConversionError(
         f"{source}: tensor '{name}' has shape {tuple(value.shape)}, the config implies {tuple(shape)}")
   return value
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def load_tokenizer(folder: str, **kwargs):
+  """The folder's transformers tokenizer, or None when it ships none."""
+  if not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+    return None
+  from transformers import AutoTokenizer  # slow import: transformers
+  try:
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
+  except (OSError, ValueError) as e:
+    raise ConversionError(f"{folder}: the tokenizer files could not be loaded ({e})") from e

@@ -1,7 +1,9 @@
-"""An NNX module's parameters as a flat ``{'a/0/kernel': array}`` dict, and back."""
+"""An NNX module's parameters as a flat ``{'a/0/kernel': array}`` dict, and back; nested
+parameter dicts (diffusers' Flax trees, ``nnx.Dict``) flattened to the same keys."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -49,3 +51,28 @@ def build_module(factory, params: Mapping[str, np.ndarray], source: str) -> nnx.
   module = nnx.eval_shape(factory)
   load_module_params(module, params, source)
   return module
+
+
+def flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  """A nested mapping (a plain dict, or ``nnx.Dict``) -> ``{'a/b/kernel': leaf}``; with
+  ``prefix``, every key starts ``prefix/``."""
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, Mapping):
+      out.update(flatten_tree(value, path))
+    else:
+      out[path] = value
+  return out
+
+
+def unflatten_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """``flatten_tree``'s inverse (without a prefix): ``{'a/b': x}`` -> ``{'a': {'b': x}}``."""
+  out: dict[str, Any] = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split("/")
+    node = out
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return out

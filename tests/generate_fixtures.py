@@ -73,7 +73,7 @@ def toy_checkpoint(root: str) -> str:
   visualizer workdir ROOT/run/vis (trained, as it were, on the model's SigLIP tower), named
   in its config by the relative path "vis".
   Built once per process (the visualizer's initialisation takes seconds)."""
-  from metamorph.data.world_tokenizer import build_world_tokenizer
+  from metamorph.shapes.tokenizer import build_world_tokenizer
   from train import model_init
   tokenizer = build_world_tokenizer()
   model = drawing_metamorph(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))

@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 
 import metamorph
-from metamorph.api import MetaMorphModel
+from metamorph.api.model import MetaMorphModel
 from metamorph.convert import ConversionError
+from metamorph.files import write_json, write_safetensors
 from metamorph.params import load_module_params, module_params
 from metamorph.convert.llama import save_llm
-from metamorph.data.world_tokenizer import build_world_tokenizer
-from metamorph.generate import PromptTooLong
+from metamorph.shapes.tokenizer import build_world_tokenizer
+from metamorph.generation.prompts import PromptTooLong
 from tests import generate_fixtures as fx
 
 
@@ -161,3 +162,27 @@ def test_visualizer_of_another_encoder_is_refused(tmp_path, run):
   assert not np.array_equal(module_params(rounded.vision)["pos_embed"], ours["pos_embed"])
   model_init.export(rounded, None, os.path.join(str(tmp_path / "rounded"), model_init.MODEL_DIR))
   assert metamorph.load(run, visualizer=str(tmp_path / "rounded")).visualizer is not None
+
+
+def test_a_folder_in_the_documented_format_loads(tmp_path):
+  """Our format on disk (config.json {format, kind, config, visualizer}, model.safetensors,
+  the tokenizer's files), written without the library's writer, loads: checkpoints written
+  before a change of the code keep loading."""
+  tokenizer = build_world_tokenizer()
+  model = fx.tiny_metamorph(tokenizer, seed=4)
+  folder = str(tmp_path / "run" / "model")
+  os.makedirs(folder)
+  write_json(os.path.join(folder, "config.json"),
+             {"format": "metamorph", "kind": "metamorph", "config": model.config.to_dict(), "visualizer": ""})
+  write_safetensors(os.path.join(folder, "model.safetensors"), module_params(model))
+  tokenizer.save_pretrained(folder)
+  mm = metamorph.load(str(tmp_path / "run"))
+  assert mm.is_metamorph and mm.visualizer is None
+  ours, theirs = module_params(mm.model), module_params(model)
+  assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_an_unknown_output_route_names_the_known_ones():
+  tokenizer = build_world_tokenizer()
+  with pytest.raises(ValueError, match=r"unknown output route 'tool'; the known routes are \['vpit'\]"):
+    MetaMorphModel(fx.tiny_metamorph(tokenizer), tokenizer, route="tool")

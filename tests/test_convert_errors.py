@@ -160,3 +160,21 @@ def test_parameters_of_another_model_version_are_named():
                                             r"missing \['bias'\], unexpected \['scale'\] .*train it again"):
     load_module_params(module, old, "old/model.safetensors")
   load_module_params(module, tensors, "new")  # the same names load
+
+
+def test_our_folder_of_an_unknown_or_another_kind_is_named(hf_folder, tmp_path):
+  """A folder of ours names the kind it holds: another kind than the reader wants, or one this
+  version does not know, is an error naming the folder, the kind found and what to do."""
+  from metamorph import model_folder
+  dst = str(tmp_path / "ours")
+  assert convert_main(["llm", hf_folder, dst]) == 0
+  assert model_folder.kind_of(dst) == model_folder.LLM and model_folder.kind_of(hf_folder) is None
+  with pytest.raises(ConversionError, match=rf"{dst}: holds a LLaMA-family LLM .*kind 'llm'; expected a MetaMorph "
+                                            r"model .*kind 'metamorph': pass a folder of that kind"):
+    model_folder.read_metamorph(dst)
+  with pytest.raises(ConversionError, match=rf"{hf_folder}: not one of our checkpoints"):
+    model_folder.read_converted(hf_folder, model_folder.LLM)
+  _edit_config(dst, kind="hologram")
+  with pytest.raises(ConversionError, match=rf"{dst}: a checkpoint of kind 'hologram', which this version of "
+                                            r"metamorph does not read .*convert or train it again"):
+    load_llm(dst)

@@ -19,6 +19,7 @@ from metamorph.convert import ConversionError
 from metamorph.convert import visualizer as V
 from metamorph.convert.__main__ import main as convert_main
 from metamorph.files import read_safetensors_file, write_json, write_safetensors
+from metamorph.models.visualizer.diffusers_modules import quiet_diffusers
 
 UNET_KW = {"sample_size": 16, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64),
            "layers_per_block": 1, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -49,8 +50,8 @@ def _perturb(model, seed):
 @pytest.fixture(autouse=True)
 def _quiet():
   """No 'Flax classes are deprecated' warning from each diffusers Flax module's setup()."""
-  with V._quiet_diffusers():
-    yield
+  quiet_diffusers()
+  yield
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
-"""The demo's wiring (train.workflow) and grading (train.report), without training."""
+"""The demo's wiring (train.demo.workflow) and grading (train.demo.report), without training."""
 import json
 import os
 
 import pytest
 
-from train import report, workflow
+from metamorph.shapes.examples import make_example
+from train.demo import report, workflow
 
 
 def _demo_config(workdir: str, preset: str = "quick"):
@@ -155,11 +156,10 @@ def test_grades_are_exact():
 
 
 def test_scene_of_a_question():
-  from metamorph.data import shapes_tasks
   scenes = set()
   for index in range(60):
-    record, _ = shapes_tasks.make_example(0, index, tasks="qa,multi_image,video_qa")
-    got = report.scene(record)
+    record, _ = make_example(0, index, tasks="qa,multi_image,video_qa")
+    got = report.looks_at(record)
     if record["task"] == "qa":
       assert got == ("one object" if record["meta"]["objects"] == [1] else "2 objects")
     elif record["task"] == "multi_image":
@@ -168,7 +168,7 @@ def test_scene_of_a_question():
       assert got == f"{len(record['image'])} frames"
     scenes.add(got)
   assert {"one object", "2 objects", "2 images"} <= scenes
-  assert report.scene({"task": "qa", "image": ["a.png"]}) == ""  # a world without meta.objects
+  assert report.looks_at({"task": "qa", "image": ["a.png"]}) == ""  # a world without meta.objects
 
 
 def test_report_files(tmp_path):
@@ -218,3 +218,11 @@ def test_understanding_grades_the_first_limit_questions_0_all(limit, graded, rig
              {**question("red"), "image": []}]  # no image: not an understanding question
   u = report.understanding(_EchoModel(), "world", records, limit)
   assert (u["n"], round(u["accuracy"] * u["n"])) == (graded, right)
+
+
+def test_a_field_an_older_record_lacks_counts_as_its_default():
+  old = {"stage": "vpit", "optim": {"lr": 0.001}}
+  new = {"stage": "vpit", "optim": {"lr": 0.001}, "tuning": {"mode": "full"}}
+  assert workflow._changed(old, new, {"tuning": {"mode": "full"}}) == []
+  assert workflow._changed(old, {**new, "tuning": {"mode": "lora"}}, {"tuning": {"mode": "full"}}) == ["tuning.mode"]
+  assert workflow._changed(old, new) == ["tuning.mode"]  # no defaults: a new field is a change

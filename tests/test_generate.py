@@ -6,13 +6,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from metamorph import generate as G
+from metamorph.generation import engine as E
+from metamorph.generation.engine import VISUAL_SLOT, Decoded, Engine
+from metamorph.generation.prompts import Prompt, PromptTooLong
+from metamorph.generation.sampling import SamplingParams, apply_repetition_penalty, choose_text, filter_logits
 from metamorph.models.llama import Llama, LlamaConfig
 from metamorph.models.metamorph import MetaMorph, MetaMorphConfig
+from tests.reference_decoder import reference_generate
 
 V, M, DV = 32, 4, 8           # vocabulary, visual tokens per image, their width
 START, END, EOS = 30, 31, 2   # <image_start>, <image_end>, the stop token
-SAMPLED = G.SamplingParams(temperature=1.0, top_k=24, top_p=0.95, repetition_penalty=1.3, max_images=2)
+SAMPLED = SamplingParams(temperature=1.0, top_k=24, top_p=0.95, repetition_penalty=1.3, max_images=2)
 
 
 def _llm_config(**changes) -> LlamaConfig:
@@ -28,11 +32,11 @@ def model() -> MetaMorph:
 
 
 @pytest.fixture(scope="module")
-def engine(model) -> G.Engine:
-  return G.Engine(model, eos_ids=[EOS])
+def engine(model) -> Engine:
+  return Engine(model, eos_ids=[EOS])
 
 
-def _prompt(rng, text: int, images: int = 0, end_with_start: bool = False) -> G.Prompt:
+def _prompt(rng, text: int, images: int = 0, end_with_start: bool = False) -> Prompt:
   """``images`` prompt images (<image_start>, m slots, <image_end>) then ``text`` random tokens."""
   ids, vidx = [], []
   for i in range(images):
@@ -42,30 +46,30 @@ def _prompt(rng, text: int, images: int = 0, end_with_start: bool = False) -> G.
   vidx += [-1] * (len(ids) - len(vidx))
   tokens = rng.normal(size=(images, M, DV)).astype(np.float32)
   tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
-  return G.Prompt(np.array(ids, np.int32), np.array(vidx, np.int32), tokens if images else None)
+  return Prompt(np.array(ids, np.int32), np.array(vidx, np.int32), tokens if images else None)
 
 
-def _prompts() -> list[G.Prompt]:
+def _prompts() -> list[Prompt]:
   rng = np.random.default_rng(0)
   return [_prompt(rng, 6), _prompt(rng, 11, 1), _prompt(rng, 4), _prompt(rng, 20, 2), _prompt(rng, 9),
           _prompt(rng, 14)]
 
 
-def _assert_same(ours: G.Decoded, ref: G.Decoded) -> None:
+def _assert_same(ours: Decoded, ref: Decoded) -> None:
   np.testing.assert_array_equal(ours.ids, ref.ids)
   assert ours.visual_tokens.shape == ref.visual_tokens.shape
   np.testing.assert_allclose(ours.visual_tokens, ref.visual_tokens, atol=1e-5, rtol=0)
   assert ours.finish_reason == ref.finish_reason
 
 
-def _check_structure(d: G.Decoded, max_images: int) -> None:
+def _check_structure(d: Decoded, max_images: int) -> None:
   """Each image is <image_start>, m visual steps, <image_end>; unit-norm visual tokens."""
   ids = d.ids.tolist()
   starts = [i for i, t in enumerate(ids) if t == START]
   assert len(starts) == len(d.visual_tokens) <= max_images
   for s in starts:
-    assert ids[s + 1:s + M + 1] == [G.VISUAL_SLOT] * M and ids[s + M + 1] == END
-  assert ids.count(G.VISUAL_SLOT) == M * len(starts) and ids.count(END) == len(starts)
+    assert ids[s + 1:s + M + 1] == [VISUAL_SLOT] * M and ids[s + M + 1] == END
+  assert ids.count(VISUAL_SLOT) == M * len(starts) and ids.count(END) == len(starts)
   np.testing.assert_allclose(np.linalg.norm(d.visual_tokens, axis=-1), 1.0, atol=1e-5)
   assert (d.finish_reason == "stop") == (ids[-1] == EOS)
 
@@ -82,7 +86,7 @@ def test_cached_batched_engine_equals_the_naive_reference(model, engine):
   assert any(len(d.ids) >= 10 and n == 0 for d, n in zip(out, images))
   for row, (prompt, ours) in enumerate(zip(prompts, out)):
     _check_structure(ours, SAMPLED.max_images)
-    ref = G.reference_generate(model, prompt, max_new_tokens=48, eos_ids=[EOS], sampling=SAMPLED, seed=3, row=row)
+    ref = reference_generate(model, prompt, max_new_tokens=48, eos_ids=[EOS], sampling=SAMPLED, seed=3, row=row)
     _assert_same(ours, ref)
 
 
@@ -94,10 +98,10 @@ def test_engine_with_slot_embeddings_equals_the_naive_reference():
   model = MetaMorph(config, rngs=nnx.Rngs(1))
   model.projector.slots[...] = jax.numpy.asarray(np.random.default_rng(2).normal(size=(M, 32)), np.float32)
   prompts = _prompts()
-  out = G.Engine(model, eos_ids=[EOS]).generate(prompts, max_new_tokens=48, sampling=SAMPLED, seed=3)
+  out = Engine(model, eos_ids=[EOS]).generate(prompts, max_new_tokens=48, sampling=SAMPLED, seed=3)
   assert sum(len(d.visual_tokens) for d in out) >= 1  # every slot fed back at least once
   for row, (prompt, ours) in enumerate(zip(prompts, out)):
-    ref = G.reference_generate(model, prompt, max_new_tokens=48, eos_ids=[EOS], sampling=SAMPLED, seed=3, row=row)
+    ref = reference_generate(model, prompt, max_new_tokens=48, eos_ids=[EOS], sampling=SAMPLED, seed=3, row=row)
     _assert_same(ours, ref)
 
 
@@ -106,14 +110,14 @@ def test_guided_greedy_engine_equals_the_naive_reference(model, engine):
   prompt that ends with <image_start> starts with visual steps."""
   rng = np.random.default_rng(1)
   prompts = [_prompt(rng, 7, end_with_start=True), _prompt(rng, 5, 1), _prompt(rng, 12, 1, end_with_start=True)]
-  uncond = [G.Prompt.text([5, START]), _prompt(rng, 1, 1), _prompt(rng, 2, 1, end_with_start=True)]
-  guided = G.SamplingParams(repetition_penalty=1.2, guidance=3.0)
+  uncond = [Prompt.text([5, START]), _prompt(rng, 1, 1), _prompt(rng, 2, 1, end_with_start=True)]
+  guided = SamplingParams(repetition_penalty=1.2, guidance=3.0)
   out = engine.generate(prompts, max_new_tokens=20, sampling=guided, seed=0, uncond=uncond)
   assert len(out[0].visual_tokens) >= 1 and len(out[2].visual_tokens) >= 1
   for row, (p, u, ours) in enumerate(zip(prompts, uncond, out)):
-    ref = G.reference_generate(model, p, max_new_tokens=20, eos_ids=[EOS], sampling=guided, row=row, uncond=u)
+    ref = reference_generate(model, p, max_new_tokens=20, eos_ids=[EOS], sampling=guided, row=row, uncond=u)
     _assert_same(ours, ref)
-  plain = engine.generate(prompts, max_new_tokens=20, sampling=G.SamplingParams(repetition_penalty=1.2))
+  plain = engine.generate(prompts, max_new_tokens=20, sampling=SamplingParams(repetition_penalty=1.2))
   assert not np.allclose(plain[0].visual_tokens[0], out[0].visual_tokens[0], atol=1e-3)  # guidance acts
   with pytest.raises(ValueError, match="unconditional"):
     engine.generate(prompts, max_new_tokens=20, sampling=guided)
@@ -122,10 +126,10 @@ def test_guided_greedy_engine_equals_the_naive_reference(model, engine):
 def test_text_only_llm_engine_equals_the_naive_reference():
   llm = Llama(_llm_config(), rngs=nnx.Rngs(1))
   rng = np.random.default_rng(2)
-  prompts = [G.Prompt.text(rng.integers(3, V, n)) for n in (3, 17, 8)]
-  out = G.Engine(llm, eos_ids=[EOS, 7]).generate(prompts, max_new_tokens=24, sampling=SAMPLED, seed=5)
+  prompts = [Prompt.text(rng.integers(3, V, n)) for n in (3, 17, 8)]
+  out = Engine(llm, eos_ids=[EOS, 7]).generate(prompts, max_new_tokens=24, sampling=SAMPLED, seed=5)
   for row, (prompt, ours) in enumerate(zip(prompts, out)):
-    _assert_same(ours, G.reference_generate(llm, prompt, max_new_tokens=24, eos_ids=[EOS, 7], sampling=SAMPLED,
+    _assert_same(ours, reference_generate(llm, prompt, max_new_tokens=24, eos_ids=[EOS, 7], sampling=SAMPLED,
                                             seed=5, row=row))
 
 
@@ -144,20 +148,20 @@ def test_a_second_call_with_the_same_buckets_does_not_recompile(engine):
   rng = np.random.default_rng(3)
   engine.generate([_prompt(rng, 5), _prompt(rng, 9, 1), _prompt(rng, 3)], max_new_tokens=40,
                   sampling=SAMPLED, seed=0)
-  traces, cached = G.TRACES["decode"], G._decode._cache_size()
+  traces, cached = E.TRACES["decode"], E._decode._cache_size()
   # other prompts (lengths, images, count within the batch bucket), seed, budget and sampling values
   engine.generate([_prompt(rng, 20, 1), _prompt(rng, 2), _prompt(rng, 7), _prompt(rng, 1, 1)], max_new_tokens=61,
-                  sampling=G.SamplingParams(temperature=0.7, top_k=5, top_p=0.5, repetition_penalty=1.0,
+                  sampling=SamplingParams(temperature=0.7, top_k=5, top_p=0.5, repetition_penalty=1.0,
                                             max_images=2), seed=9)
-  engine.generate([_prompt(rng, 4)] * 3, max_new_tokens=33, sampling=G.SamplingParams(max_images=2), seed=1)
-  assert (G.TRACES["decode"], G._decode._cache_size()) == (traces, cached)
+  engine.generate([_prompt(rng, 4)] * 3, max_new_tokens=33, sampling=SamplingParams(max_images=2), seed=1)
+  assert (E.TRACES["decode"], E._decode._cache_size()) == (traces, cached)
   engine.generate([_prompt(rng, 4)] * 3, max_new_tokens=65, sampling=SAMPLED, seed=1)  # a new budget bucket
-  assert (G.TRACES["decode"], G._decode._cache_size()) == (traces + 1, cached + 1)
+  assert (E.TRACES["decode"], E._decode._cache_size()) == (traces + 1, cached + 1)
 
 
 def test_image_cap_and_budget(engine):
   prompts = _prompts()
-  no_images = engine.generate(prompts, max_new_tokens=48, sampling=G.SamplingParams(
+  no_images = engine.generate(prompts, max_new_tokens=48, sampling=SamplingParams(
       temperature=1.0, top_k=24, top_p=0.95, repetition_penalty=1.3, max_images=0), seed=3)
   for d in no_images:
     _check_structure(d, 0)
@@ -170,40 +174,40 @@ def test_image_cap_and_budget(engine):
 def test_sampling_filters():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(4, 10)).astype(np.float32) * 2
-  top3 = np.asarray(G.filter_logits(logits, 3, 1.0))
+  top3 = np.asarray(filter_logits(logits, 3, 1.0))
   np.testing.assert_array_equal(np.isfinite(top3), logits >= np.sort(logits, -1)[:, -3:-2])
   for p in (0.3, 0.8):
-    nucleus = np.isfinite(np.asarray(G.filter_logits(logits, 0, p)))
+    nucleus = np.isfinite(np.asarray(filter_logits(logits, 0, p)))
     for row, kept in zip(logits, nucleus):
       probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
       order = np.argsort(-probs)
       n = int(np.searchsorted(np.cumsum(probs[order]), p) + 1)  # fewest tokens reaching p
       assert set(np.flatnonzero(kept)) == set(order[:n])
-  both = np.isfinite(np.asarray(G.filter_logits(logits, 2, 0.99)))
+  both = np.isfinite(np.asarray(filter_logits(logits, 2, 0.99)))
   assert (both.sum(-1) <= 2).all()
   seen = rng.random((4, 10)) < 0.5
-  penalised = np.asarray(G.apply_repetition_penalty(logits, seen, 1.5))
+  penalised = np.asarray(apply_repetition_penalty(logits, seen, 1.5))
   np.testing.assert_allclose(penalised, np.where(seen, np.where(logits > 0, logits / 1.5, logits * 1.5), logits))
-  choose = jax.jit(G.choose_text)
+  choose = jax.jit(choose_text)
   keys = jax.random.split(jax.random.key(0), 4)
-  np.testing.assert_array_equal(choose(logits, keys, G.SamplingParams().traced()), logits.argmax(-1))
-  sampled = G.SamplingParams(temperature=0.8, top_k=3).traced()
+  np.testing.assert_array_equal(choose(logits, keys, SamplingParams().traced()), logits.argmax(-1))
+  sampled = SamplingParams(temperature=0.8, top_k=3).traced()
   for i in range(20):
     tokens = np.asarray(choose(logits, jax.random.split(jax.random.key(i), 4), sampled))
     assert np.isfinite(top3[np.arange(4), tokens]).all()
 
 
 def test_bad_inputs(engine):
-  with pytest.raises(G.PromptTooLong, match="context is 128"):
-    engine.generate([G.Prompt.text([3] * 128)], max_new_tokens=4)
+  with pytest.raises(PromptTooLong, match="context is 128"):
+    engine.generate([Prompt.text([3] * 128)], max_new_tokens=4)
   with pytest.raises(ValueError, match="max_new_tokens"):
-    engine.generate([G.Prompt.text([3])], max_new_tokens=0)
+    engine.generate([Prompt.text([3])], max_new_tokens=0)
   with pytest.raises(ValueError, match="top_p"):
-    G.SamplingParams(top_p=0)
-  bad = G.Prompt(np.array([START, 0, END, 3], np.int32), np.array([-1, 0, -1, -1], np.int32),
+    SamplingParams(top_p=0)
+  bad = Prompt(np.array([START, 0, END, 3], np.int32), np.array([-1, 0, -1, -1], np.int32),
                  np.zeros((1, M + 1, DV), np.float32))
   with pytest.raises(ValueError, match="visual_tokens must be"):
     engine.generate([bad], max_new_tokens=4)
-  text_only = G.Engine(Llama(_llm_config(), rngs=nnx.Rngs(0)), eos_ids=[EOS])
+  text_only = Engine(Llama(_llm_config(), rngs=nnx.Rngs(0)), eos_ids=[EOS])
   with pytest.raises(ValueError, match="text-only"):
     text_only.generate([_prompt(np.random.default_rng(0), 3, 1)], max_new_tokens=4)

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from metamorph.convert import load_llm
 from metamorph.convert import llama as llama_convert
-from metamorph.generate import left_pad
+from metamorph.generation.prompts import left_pad
 from metamorph.models.llama import Llama, LlamaConfig
 from tests.llama_fixtures import CONFIGS, VOCAB, hf_logits, our_logits, save_hf_llama
 

@@ -1,7 +1,7 @@
-"""train.machine: what the demo's and the benches' timings were measured on."""
+"""train.demo.machine: what the demo's and the benches' timings were measured on."""
 import os
 
-from train import machine
+from train.demo import machine
 
 
 def test_cpu_from_cpuinfo_reads_the_model_and_widest_vector_set():

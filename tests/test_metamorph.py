@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from metamorph.models.interfaces import INTERFACES
 from metamorph.models.llama import Llama, LlamaConfig
-from metamorph.models.metamorph import MetaMorph, MetaMorphConfig, add_image_tokens, resize_vocab, vpit_loss
+from metamorph.models.metamorph import MetaMorph, MetaMorphConfig, vpit_loss
+from metamorph.models.vocab import add_image_tokens, resize_vocab
+from metamorph.params import module_params
 from metamorph.tokens import IGNORE
 
 M, DV = 4, 6  # visual tokens per image, visual token width
@@ -168,3 +171,23 @@ def test_config_validation():
   with pytest.raises(ValueError, match="multiple of num_kv_heads"):
     LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=3,
                 num_kv_heads=2, head_dim=4)
+
+
+def test_image_interface_is_chosen_by_name():
+  """The projector comes from the interface registry; the default is mlp2x_gelu (under
+  ``projector/``), a config.json written before the field existed still loads, and an
+  unknown name is an error that lists the known ones."""
+  config = _config()
+  assert config.image_interface == "mlp2x_gelu"
+  older = config.to_dict()
+  del older["image_interface"]
+  assert MetaMorphConfig.from_dict(older) == config
+  model = MetaMorph(config, rngs=nnx.Rngs(0))
+  assert isinstance(model.projector, INTERFACES["mlp2x_gelu"]) and model.projector.tokenwise
+  assert model.projector.tokens_per_item(M) == M
+  assert {k for k in module_params(model) if k.startswith("projector/")} == {
+      "projector/fc1/kernel", "projector/fc1/bias", "projector/fc2/kernel", "projector/fc2/bias"}
+  tokens = jnp.ones((2, 3, M, DV))  # [B, I, m, Dv] -> [B, I, m, H]
+  assert model.projector(tokens).shape == (2, 3, M, 16)
+  with pytest.raises(ValueError, match=r"unknown input interface 'qformer'; known interfaces: \['mlp2x_gelu'\]"):
+    dataclasses.replace(config, image_interface="qformer")

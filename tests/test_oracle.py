@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from metamorph.data import oracle, shapes
-from metamorph.data.shapes import Shape
+from metamorph.shapes import oracle, scene
+from metamorph.shapes.scene import Shape
 
 # The stated degradation: Gaussian blur of radius (std) 1 px, then noise of std 8/255.
 BLUR_RADIUS = 1.0
@@ -26,8 +26,8 @@ def accuracy(n: int, size: int, seed: int, degraded: bool) -> dict[str, float]:
   rng = np.random.default_rng(seed)
   wrong = collections.Counter()
   for _ in range(n):
-    s = shapes.sample_shape(rng)
-    img = shapes.render(s, size=size, rng=rng)
+    s = scene.sample_shape(rng)
+    img = scene.render(s, size=size, rng=rng)
     if degraded:
       img = degrade(img, rng)
     got = oracle.read_image(img)
@@ -52,10 +52,10 @@ def test_accuracy(n, size, degraded, threshold):
 def test_other_sizes_and_input_types():
   rng = np.random.default_rng(5)
   for size in (48, 96, 128, 256):
-    s = shapes.sample_shape(rng)
-    assert oracle.read_image(shapes.render(s, size=size, rng=rng)) == s.attributes()
+    s = scene.sample_shape(rng)
+    assert oracle.read_image(scene.render(s, size=size, rng=rng)) == s.attributes()
   s = Shape("purple", "triangle", "small", "top")
-  img = shapes.render(s, size=32, rng=rng)
+  img = scene.render(s, size=32, rng=rng)
   want = oracle.read_image(img)
   assert want == s.attributes()
   x = img.astype(np.float32) / 255.0
@@ -65,12 +65,12 @@ def test_other_sizes_and_input_types():
   assert oracle.read_image(x.astype(np.float64) * 2 - 1, value_range=(-1.0, 1.0)) == want
   assert oracle.read_image(np.dstack([img, np.full((32, 32), 255, np.uint8)])) == want
   # non-square: resized to a square, geometry in unit coordinates is kept
-  wide = np.asarray(Image.fromarray(shapes.render(s, size=64)).resize((80, 64)))
+  wide = np.asarray(Image.fromarray(scene.render(s, size=64)).resize((80, 64)))
   assert oracle.read_image(wide) == want
 
 
 def test_no_object_reads_none():
-  blank = np.full((32, 32, 3), shapes.BACKGROUND, np.uint8)
+  blank = np.full((32, 32, 3), scene.BACKGROUND, np.uint8)
   assert oracle.read_image(blank) == dict.fromkeys(oracle.ATTRIBUTES)
   assert oracle.read_objects(blank) == []
   noisy = degrade(blank, np.random.default_rng(0))
@@ -78,16 +78,16 @@ def test_no_object_reads_none():
   # garbage does not crash, and shows as a bad fit
   junk = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
   assert oracle.analyze(junk).residual > 0.1
-  uniform = np.full((16, 16, 3), shapes.PALETTE["red"], np.uint8)
+  uniform = np.full((16, 16, 3), scene.PALETTE["red"], np.uint8)
   assert oracle.read_image(uniform)["color"] is None
 
 
 def test_fit_details():
-  s = shapes.place(Shape("green", "cross", "large", "bottom"), np.random.default_rng(0))
-  r = oracle.analyze(shapes.render(s, size=64))
+  s = scene.place(Shape("green", "cross", "large", "bottom"), np.random.default_rng(0))
+  r = oracle.analyze(scene.render(s, size=64))
   assert r.attributes() == s.attributes()
   assert r.center == pytest.approx(s.center, abs=0.01)
-  assert r.extent == pytest.approx(2 * shapes.HALF_EXTENT["large"], abs=0.01)
+  assert r.extent == pytest.approx(2 * scene.HALF_EXTENT["large"], abs=0.01)
   assert r.contrast == 1.0 and r.blur == 0.0 and r.residual < 0.02
 
 
@@ -95,12 +95,12 @@ def test_read_objects_two_object_scenes():
   rng = np.random.default_rng(9)
   wrong, n = 0, 200
   for i in range(n):
-    scene = shapes.sample_scene(rng, n_objects=2)
-    img = shapes.render(scene, size=32 if i % 2 else 64, rng=rng)
+    objs = scene.sample_scene(rng, n_objects=2)
+    img = scene.render(objs, size=32 if i % 2 else 64, rng=rng)
     if i % 4 >= 2:
       img = degrade(img, rng)
     got = oracle.read_objects(img)
-    wrong += got != [o.attributes() for o in scene]
+    wrong += got != [o.attributes() for o in objs]
   assert wrong / n <= 0.01  # measured: 0 wrong scenes
   one = Shape("yellow", "diamond", "small", "bottom")
-  assert oracle.read_objects(degrade(shapes.render(one, rng=rng), rng)) == [one.attributes()]
+  assert oracle.read_objects(degrade(scene.render(one, rng=rng), rng)) == [one.attributes()]

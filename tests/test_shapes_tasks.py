@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metamorph.data import oracle, shapes, shapes_tasks
 from metamorph.data import tfds_builder
 from metamorph.data.records import parse_record
-from metamorph.data.shapes_tasks import IMAGE, VPIT_TASKS
+from metamorph.shapes import oracle, scene
+from metamorph.shapes.__main__ import main
+from metamorph.shapes.examples import check_targets, make_example
+from metamorph.shapes.mix import resolve_mix
+from metamorph.shapes.phrases import WHERE
+from metamorph.shapes.prompts import eval_prompts
+from metamorph.shapes.tasks import (EDIT_KINDS, GENERATION_TASKS, MIN_TRAVEL, MULTI_KINDS, QA_KINDS,
+                                    TEXT_COMPARISON_PROB, UNDERSTANDING_TASKS, VPIT_TASKS, direction, motion)
+from metamorph.shapes.world import DATASET_NAME, write_split
+from metamorph.tokens import IMAGE_PLACEHOLDER
 
 HOLDOUT = (("blue", "square"), ("red", "circle"))
 
@@ -19,14 +27,14 @@ HOLDOUT = (("blue", "square"), ("red", "circle"))
 @pytest.fixture(scope="module")
 def examples():
   """800 (record, images) of the default mix with HOLDOUT."""
-  return [shapes_tasks.make_example(1, i, holdout=HOLDOUT) for i in range(800)]
+  return [make_example(1, i, holdout=HOLDOUT) for i in range(800)]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   """A small world on disk: (out_dir, counts, records)."""
   out = str(tmp_path_factory.mktemp("world"))
-  counts = shapes_tasks.write_world(out, 150, 5, holdout=["red:circle", "blue:square"], progress=False)
+  counts = write_split(out, 150, 5, holdout=["red:circle", "blue:square"], progress=False)
   with open(os.path.join(out, "train.jsonl")) as f:
     records = [json.loads(line) for line in f]
   return out, counts, records
@@ -45,7 +53,7 @@ def _generated(record: dict) -> list[int]:
   """Indices (into record['image']) of the images inside gpt turns."""
   out, k = [], 0
   for turn in record["conversations"]:
-    for _ in range(turn["value"].count(IMAGE)):
+    for _ in range(turn["value"].count(IMAGE_PLACEHOLDER)):
       if turn["from"] == "gpt":
         out.append(k)
       k += 1
@@ -54,21 +62,21 @@ def _generated(record: dict) -> list[int]:
 
 def test_make_example_is_deterministic():
   for i in range(40):
-    (ra, ia), (rb, ib) = (shapes_tasks.make_example(3, i, holdout=HOLDOUT) for _ in range(2))
+    (ra, ia), (rb, ib) = (make_example(3, i, holdout=HOLDOUT) for _ in range(2))
     assert ra == rb and len(ia) == len(ib)
     for a, b in zip(ia, ib):
       np.testing.assert_array_equal(a, b)
-  assert [shapes_tasks.make_example(3, i)[0]["conversations"] for i in range(20)] != \
-    [shapes_tasks.make_example(4, i)[0]["conversations"] for i in range(20)]
+  assert [make_example(3, i)[0]["conversations"] for i in range(20)] != \
+    [make_example(4, i)[0]["conversations"] for i in range(20)]
   # validation draws from its own stream
-  train = [shapes_tasks.make_example(0, i)[0]["conversations"] for i in range(20)]
-  val = [shapes_tasks.make_example(0, i, split="validation")[0]["conversations"] for i in range(20)]
+  train = [make_example(0, i)[0]["conversations"] for i in range(20)]
+  val = [make_example(0, i, split="validation")[0]["conversations"] for i in range(20)]
   assert train != val
 
 
-def test_write_world_is_byte_identical(tmp_path, world):
+def test_write_split_is_byte_identical(tmp_path, world):
   out, counts, _ = world
-  again = shapes_tasks.write_world(str(tmp_path), 150, 5, holdout=HOLDOUT, progress=False)
+  again = write_split(str(tmp_path), 150, 5, holdout=HOLDOUT, progress=False)
   assert again == counts and sum(counts.values()) == 150
   assert _files(str(tmp_path)) == _files(out)
 
@@ -77,15 +85,15 @@ def test_every_task_kind_and_validity(examples):
   records = [r for r, _ in examples]
   assert set(r["task"] for r in records) == set(VPIT_TASKS)  # the default mix has no captions
   for record, images in examples:
-    shapes_tasks.validate_record(record)
     parse_record(record)  # the project's reader accepts it
+    check_targets(record)
     assert len(images) == len(record.get("image", []))
     assert all(img.shape == (32, 32, 3) and img.dtype == np.uint8 for img in images)
     roles = [t["from"] for t in record["conversations"]]
     assert roles == ["human", "gpt"] * (len(roles) // 2)
-    assert ("image" in record) == any(IMAGE in t["value"] for t in record["conversations"])
+    assert ("image" in record) == any(IMAGE_PLACEHOLDER in t["value"] for t in record["conversations"])
     assert len(record["meta"].get("targets", [])) == len(_generated(record))
-    assert (record["task"] in shapes_tasks.GENERATION_TASKS) == bool(_generated(record))
+    assert (record["task"] in GENERATION_TASKS) == bool(_generated(record))
   ids = [r["id"] for r in records]
   names = [n for r in records for n in r.get("image", [])]
   assert len(set(ids)) == len(ids) and len(set(names)) == len(names)
@@ -93,31 +101,31 @@ def test_every_task_kind_and_validity(examples):
 
 def test_qa_subkinds_and_paraphrases(examples):
   kinds = collections.Counter(k for r, _ in examples if r["task"] == "qa" for k in r["meta"]["questions"])
-  assert set(kinds) == set(shapes_tasks.QA_KINDS)
+  assert set(kinds) == set(QA_KINDS)
   counts = [r["meta"]["answers"] for r, _ in examples if "count" in r["meta"].get("questions", [])]
   assert {"one", "two"} <= {a for ans in counts for a in ans}
   t2i = {r["conversations"][0]["value"].split(" a ")[0] for r, _ in examples if r["task"] == "t2i"}
   assert len(t2i) >= 4
   edits = collections.Counter(r["meta"]["edits"][0] for r, _ in examples if r["task"] == "edit")
-  assert set(edits) == set(shapes_tasks.EDIT_KINDS)
+  assert set(edits) == set(EDIT_KINDS)
 
 
 def test_task_selection():
-  for tasks, allowed in [("generation", shapes_tasks.GENERATION_TASKS), (["qa"], ("qa",)),
+  for tasks, allowed in [("generation", GENERATION_TASKS), (["qa"], ("qa",)),
                          ({"t2i": 1, "text": 1}, ("t2i", "text")), ("understanding,t2i:0.5", None)]:
-    got = {shapes_tasks.make_example(0, i, tasks=tasks)[0]["task"] for i in range(120)}
+    got = {make_example(0, i, tasks=tasks)[0]["task"] for i in range(120)}
     if allowed is not None:
       assert got == set(allowed)
     else:
-      assert got == set(shapes_tasks.UNDERSTANDING_TASKS) | {"t2i"}
-  mix = shapes_tasks.resolve_mix("qa:3,t2i:1")
+      assert got == set(UNDERSTANDING_TASKS) | {"t2i"}
+  mix = resolve_mix("qa:3,t2i:1")
   assert mix == {"qa": 0.75, "t2i": 0.25}
-  assert "caption" not in shapes_tasks.resolve_mix("all")
-  assert shapes_tasks.resolve_mix("caption") == {"caption": 1.0}
-  assert abs(sum(shapes_tasks.resolve_mix(None).values()) - 1) < 1e-12
+  assert "caption" not in resolve_mix("all")
+  assert resolve_mix("caption") == {"caption": 1.0}
+  assert abs(sum(resolve_mix(None).values()) - 1) < 1e-12
   for bad in ["qa,pizza", "qa:x", "qa:-1", {"qa": 0}]:
     with pytest.raises(ValueError):
-      shapes_tasks.resolve_mix(bad)
+      resolve_mix(bad)
 
 
 def test_holdout_never_generated_but_seen_in_prompts(examples):
@@ -144,7 +152,8 @@ def test_meta_targets_match_the_pngs(world):
   out, _, records = world
   checked = collections.Counter()
   for record in records:
-    shapes_tasks.validate_record(record)
+    parse_record(record)
+    check_targets(record)
     for k, target in zip(_generated(record), record["meta"].get("targets", [])):
       image = Image.open(os.path.join(out, "images", record["image"][k]))
       assert oracle.read_image(image) == target, record
@@ -156,7 +165,7 @@ def test_meta_targets_match_the_pngs(world):
       if len(objs) == 1:
         for q, a in zip(qs, record["meta"]["answers"]):
           assert objs[0][q] == a, record
-  assert set(checked) == set(shapes_tasks.GENERATION_TASKS)
+  assert set(checked) == set(GENERATION_TASKS)
 
 
 def _worked_answer(kind: str, question: str, a: dict, b: dict) -> tuple[str, str]:
@@ -170,7 +179,7 @@ def _worked_answer(kind: str, question: str, a: dict, b: dict) -> tuple[str, str
     target = {"shape": f"the {named['shape']}", "color": f"the {named['color']} one"}.get(attr, "the larger one")
     verdict = f"{target} is the {'first' if first else 'second'}"
   def phrase(obj: dict) -> str:
-    return {"shape": f"a {obj['shape']}", "position": shapes_tasks.WHERE[obj["position"]]}.get(attr, obj[attr])
+    return {"shape": f"a {obj['shape']}", "position": WHERE[obj["position"]]}.get(attr, obj[attr])
   return f"The first is {phrase(a)}, the second is {phrase(b)}: {verdict}.", verdict
 
 
@@ -179,19 +188,19 @@ def test_comparisons_are_worked_and_right():
   right verdict; a comparison told in words (text task) is answered the same way."""
   kinds = collections.Counter()
   for i in range(80):
-    record, images = shapes_tasks.make_example(2, i, tasks="multi_image")
+    record, images = make_example(2, i, tasks="multi_image")
     kind, question = record["meta"]["questions"][0], record["conversations"][0]["value"]
     a, b = (oracle.read_objects(Image.fromarray(img))[0] for img in images)
     answer, verdict = _worked_answer(kind, question, a, b)
     assert record["conversations"][1]["value"] == answer, record
     assert record["meta"]["answers"] == [verdict]
     kinds[kind] += 1
-  assert set(kinds) == set(shapes_tasks.MULTI_KINDS)
+  assert set(kinds) == set(MULTI_KINDS)
   told = 0
   for i in range(80):
-    record, _ = shapes_tasks.make_example(2, i, tasks="text")
+    record, _ = make_example(2, i, tasks="text")
     kind = record["meta"]["questions"][0]
-    if kind not in shapes_tasks.MULTI_KINDS:
+    if kind not in MULTI_KINDS:
       continue
     question = record["conversations"][0]["value"]
     a, b = [dict(zip(("size", "color", "shape", "position"), m.groups())) for m in
@@ -199,62 +208,64 @@ def test_comparisons_are_worked_and_right():
     answer, _ = _worked_answer(kind, question.split(". ", 1)[1], a, b)
     assert record["conversations"][1]["value"] == answer, record
     told += 1
-  assert abs(told - 80 * shapes_tasks.TEXT_COMPARISON_PROB) <= 12  # binomial: a standard deviation <= 4.5
+  assert abs(told - 80 * TEXT_COMPARISON_PROB) <= 12  # binomial: a standard deviation <= 4.5
 
 
 def test_motion_is_a_straight_line():
   rng = np.random.default_rng(0)
   for _ in range(50):
-    s = shapes.sample_shape(rng)
-    frames = shapes_tasks.motion(rng, s, 4)
+    s = scene.sample_shape(rng)
+    frames = motion(rng, s, 4)
     c = np.asarray([f.center for f in frames])  # [4, 2]
     steps = np.diff(c, axis=0)
     np.testing.assert_allclose(steps, steps[:1].repeat(3, 0), atol=1e-9)
-    assert np.linalg.norm(c[-1] - c[0]) >= shapes_tasks.MIN_TRAVEL
-    h = shapes.HALF_EXTENT[s.size]
+    assert np.linalg.norm(c[-1] - c[0]) >= MIN_TRAVEL
+    h = scene.HALF_EXTENT[s.size]
     assert (c >= h - 1e-9).all() and (c <= 1 - h + 1e-9).all()
-    assert frames[-1].position == shapes.nearest_position(frames[-1].center)
-  right = [shapes.move(shapes.Shape("red", "circle", "small", "left"), (x, 0.5)) for x in (0.2, 0.5)]
-  up_left = [shapes.move(right[0], p) for p in ((0.7, 0.7), (0.3, 0.3))]
-  assert shapes_tasks.direction(right) == "to the right"
-  assert shapes_tasks.direction(up_left) == "up and to the left"
+    assert frames[-1].position == scene.nearest_position(frames[-1].center)
+  right = [scene.move(scene.Shape("red", "circle", "small", "left"), (x, 0.5)) for x in (0.2, 0.5)]
+  up_left = [scene.move(right[0], p) for p in ((0.7, 0.7), (0.3, 0.3))]
+  assert direction(right) == "to the right"
+  assert direction(up_left) == "up and to the left"
 
 
 def test_eval_prompts():
-  prompts = shapes_tasks.eval_prompts(["red:circle", "blue:square"])
-  per_pair = len(shapes.SIZES) * len(shapes.POSITIONS)
-  assert len(prompts) == len(shapes.COLORS) * len(shapes.SHAPES) * per_pair
+  prompts = eval_prompts(["red:circle", "blue:square"])
+  per_pair = len(scene.SIZES) * len(scene.POSITIONS)
+  assert len(prompts) == len(scene.COLORS) * len(scene.SHAPES) * per_pair
   held = [p for p in prompts if p["meta"]["heldout"]]
   assert len(held) == 2 * per_pair
   assert {(p["meta"]["targets"][0]["color"], p["meta"]["targets"][0]["shape"]) for p in held} == set(HOLDOUT)
   for p in prompts:
-    shapes_tasks.validate_record(p, prompt_only=True)
+    [turn] = p["conversations"]  # prompt-only: one human turn, no image, one target to draw
+    assert turn["from"] == "human" and turn["value"].strip() and IMAGE_PLACEHOLDER not in turn["value"]
+    assert "image" not in p and len(p["meta"]["targets"]) == 1
     t = p["meta"]["targets"][0]
-    assert f"{t['size']} {t['color']} {t['shape']} {shapes_tasks.WHERE[t['position']]}" in \
+    assert f"{t['size']} {t['color']} {t['shape']} {WHERE[t['position']]}" in \
       p["conversations"][0]["value"]
-  assert len(shapes_tasks.eval_prompts(HOLDOUT, seen=False)) == len(held)
-  assert shapes_tasks.eval_prompts(HOLDOUT) == prompts  # deterministic
+  assert len(eval_prompts(HOLDOUT, seen=False)) == len(held)
+  assert eval_prompts(HOLDOUT) == prompts  # deterministic
 
 
 def test_argument_errors():
   with pytest.raises(ValueError, match="red, green"):
-    shapes_tasks.parse_pair("pink:circle")
+    scene.parse_pair("pink:circle")
   with pytest.raises(ValueError, match="circle, square"):
-    shapes_tasks.parse_pair("red:hexagon")
+    scene.parse_pair("red:hexagon")
   with pytest.raises(ValueError, match="COLOR:SHAPE"):
-    shapes_tasks.parse_pair("red")
-  assert shapes_tasks.normalize_holdout(["Red:Circle", ("red", "circle")]) == (("red", "circle"),)
+    scene.parse_pair("red")
+  assert scene.normalize_holdout(["Red:Circle", ("red", "circle")]) == (("red", "circle"),)
   with pytest.raises(ValueError):
-    shapes_tasks.normalize_holdout([(c, s) for c in shapes.COLORS for s in shapes.SHAPES])
+    scene.normalize_holdout([(c, s) for c in scene.COLORS for s in scene.SHAPES])
   with pytest.raises(ValueError):
-    shapes_tasks.write_world("/nonexistent", 1, 0, split="../x", progress=False)
+    write_split("/nonexistent", 1, 0, split="../x", progress=False)
 
 
 def test_cli(tmp_path, capsys):
   out = str(tmp_path / "w")
-  assert shapes.main(["--out", out, "--n", "30", "--val-n", "10", "--captions-n", "12", "--language-n", "9",
-                      "--seed", "2",
-                      "--holdout", "red:circle", "--tasks", "qa,t2i,edit", "--quiet"]) == 0
+  assert main(["--out", out, "--n", "30", "--val-n", "10", "--captions-n", "12", "--language-n", "9",
+               "--seed", "2",
+               "--holdout", "red:circle", "--tasks", "qa,t2i,edit", "--quiet"]) == 0
   with open(os.path.join(out, "world.json")) as f:
     world = json.load(f)
   assert world["holdout"] == [["red", "circle"]]
@@ -262,7 +273,7 @@ def test_cli(tmp_path, capsys):
   assert set(world["counts"]["train"]) <= {"qa", "t2i", "edit"}
   for name in ("train.jsonl", "validation.jsonl", "eval_t2i.jsonl", "tokenizer/tokenizer.json"):
     assert os.path.exists(os.path.join(out, name)), name
-  source = tfds_builder.open_source(os.path.join(out, "tfds"), shapes.DATASET_NAME, "validation")
+  source = tfds_builder.open_source(os.path.join(out, "tfds"), DATASET_NAME, "validation")
   assert len(source) == 10 and world["tfds"]["drop_counts"]["train"]["kept"] == 30
   # the captions split: image-caption pairs only
   assert world["counts"]["captions"] == {"caption": 12}
@@ -272,7 +283,7 @@ def test_cli(tmp_path, capsys):
   for r in captions:
     [human, gpt] = r["conversations"]
     assert r["meta"]["questions"] == ["caption"] and r["meta"]["answers"] == [gpt["value"]]
-    assert human["value"].startswith(IMAGE + "\n") and len(r["image"]) == 1
+    assert human["value"].startswith(IMAGE_PLACEHOLDER + "\n") and len(r["image"]) == 1
   # the language split: text-only records, no images
   assert world["counts"]["language"] == {"text": 9}
   assert world["tfds"]["drop_counts"]["language"]["kept"] == 9
@@ -289,8 +300,8 @@ def test_cli(tmp_path, capsys):
                         (["--out", str(tmp_path / "x"), "--captions-n", "-1"], "--captions-n"),
                         (["--out", str(tmp_path / "x"), "--language-n", "-1"], "--language-n")]:
     with pytest.raises(SystemExit) as e:
-      shapes.main(argv)
+      main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
   with pytest.raises(SystemExit) as e:
-    shapes.main(["--help"])
+    main(["--help"])
   assert e.value.code == 0 and "--holdout" in capsys.readouterr().out

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from metamorph.generate import greedy_generate
+from metamorph.generation.engine import greedy_generate
 from tests.llama_fixtures import our_logits
 
 POEM = [{"role": "user", "content": "Write a short poem about the sea."}]

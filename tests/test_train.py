@@ -44,7 +44,7 @@ def _train_on_one_batch(config, steps: int = 8):
   s = trainer.make_setup(config)
   state = trainer.initial_state(s)
   before = (_flat(state.params), _flat(state.frozen))
-  batch = next(trainer._datasets(s, config.data.train_split, seed=0))
+  batch = next(trainer.batches(s, config.data.train_split, seed=0))
   step = jax.jit(lambda st, b: trainer.train_step(s.graphdef, s.stage, s.tx, s.schedule,
                                                   config.train.micro_batches, st, b))
   losses = []
@@ -132,6 +132,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_world, tm
     ({"mesh.tensor": 3}, r"mesh \(data, fsdp, tensor\) = \(1, -1, 3\)|cannot be split"),
     ({"train.batch_size": 10, "train.micro_batches": 4}, "not divisible by config.train.micro_batches"),
     ({"stage": "pretrain"}, "use one of"),
+    ({"tuning.mode": "lora"}, r"config.tuning.mode is 'lora'; use one of full"),
     ({"optim.lr": -1.0}, r"config.optim.lr must be >= 0"),
     ({"mesh.cpu_devices": -2}, r"config.mesh.cpu_devices must be >= 0"),
     ({"data.open_rows": 0}, r"config.data.open_rows must be >= 1"),
@@ -170,3 +171,16 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_world, tmp_path):
   stopped = int(output.split("stopping on signal")[1].split("checkpoint ")[1].split()[0])
   assert 3 <= stopped < 500
   assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped)))
+
+
+def test_image_caption_pairs_by_the_record_format():
+  """One image, in the first user turn, and a text-only first answer: an image-caption pair."""
+  from train.data import caption_of
+  assert caption_of([b"png"], [("user", "<image>\nDescribe the image."), ("assistant", "A red circle.")]) == "A red circle."
+  assert caption_of([b"png"], [("system", "Be brief."), ("user", "<image>"), ("assistant", "A cat."),
+                               ("user", "Colour?"), ("assistant", "black")]) == "A cat."
+  assert caption_of([], [("user", "Hi"), ("assistant", "Hello")]) is None                       # no image
+  assert caption_of([b"a", b"b"], [("user", "<image><image>"), ("assistant", "Two.")]) is None  # two images
+  assert caption_of([b"png"], [("user", "Draw a cat."), ("assistant", "Here: <image>")]) is None  # generated
+  assert caption_of([b"png"], [("user", "Hi"), ("assistant", "Hello"), ("user", "<image>"),
+                               ("assistant", "A dog.")]) is None                                # not the first turn

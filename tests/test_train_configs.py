@@ -2,6 +2,7 @@
 rematerialisation changes memory, not numbers."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -18,22 +19,24 @@ from flax import nnx
 from metamorph.models.llama import Llama, LlamaConfig
 from tests.train_fixtures import ROOT
 from train import trainer
-from train.defaults import STAGES
+from train.metrics import count_params
+from train.stages import STAGES
 
 _PLAN_8B = textwrap.dedent("""
     import json, math, jax
     from configs.metamorph_llama3_8b import get_config
     from train import trainer
+    from train.metrics import count_params
     out = {}
     for arg in ("vpit", "vpit,tensor=2", "connector"):
       s = trainer.make_setup(get_config(arg), load_weights=False)
       st = s.abstract_state
-      n_vision = trainer.count_params(st.frozen["vision"])
-      n_all = trainer.count_params(st.params) + trainer.count_params(st.frozen)
+      n_vision = count_params(st.frozen["vision"])
+      n_all = count_params(st.params) + count_params(st.frozen)
       out[arg] = {
           "devices": jax.device_count(), "mesh": dict(s.mesh.shape),
           "micro_batches": s.config.train.micro_batches,
-          "llm": trainer.count_params(st.params["llm"]) + trainer.count_params(st.frozen.get("llm", {})),
+          "llm": count_params(st.params["llm"]) + count_params(st.frozen.get("llm", {})),
           "vision": n_vision, "all": n_all,
           "total_bytes": sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(st)),
           "per_device": trainer.per_device_bytes(s),
@@ -98,19 +101,19 @@ def test_llama3_8b_config_arguments():
 
 @pytest.fixture(scope="module")
 def world_tokenizer_dir(tmp_path_factory):
-  from metamorph.data.world_tokenizer import build_world_tokenizer
+  from metamorph.shapes.tokenizer import build_world_tokenizer
   path = str(tmp_path_factory.mktemp("tokenizer"))
   build_world_tokenizer(path)
   return path
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_toy_config_builds(stage, world_tokenizer_dir):
   from configs.toy import get_config
   c = get_config(stage)
   c.data.tokenizer = world_tokenizer_dir
   s = trainer.make_setup(c, load_weights=False)  # connector / vpit: no runs/demo/siglip needed
-  assert trainer.count_params(s.abstract_state.params) > 0
+  assert count_params(s.abstract_state.params) > 0
   per_token, per_image = trainer.flops_model(s)
   if stage == "visualizer":  # diffusion FLOPs are not modelled
     assert (per_token, per_image) == (0.0, 0.0)
@@ -120,12 +123,44 @@ def test_toy_config_builds(stage, world_tokenizer_dir):
     assert s.spec.new_token_ids and s.spec.config.llm.vocab_size == 512
 
 
+def test_the_vision_loss_is_a_property_of_the_stage(world_tokenizer_dir):
+  """model.vision_coef weighs the vision loss only in stages that have one (vpit); the saved
+  model config says which."""
+  from configs.toy import get_config
+  for stage, coef in (("language", 0.0), ("connector", 0.0), ("vpit", 6.0)):
+    c = get_config(stage)
+    c.data.tokenizer = world_tokenizer_dir
+    c.model.vision_coef = 6.0
+    s = trainer.make_setup(c, load_weights=False)
+    assert s.stage.vision_loss == (coef > 0) and s.spec.config.vision_coef == coef, stage
+    assert trainer._meta(s, "w")["vision_loss"] == s.stage.vision_loss
+
+
+def test_toy_configs_name_the_runs_their_stage_starts_from():
+  from configs.toy import get_config
+  for name, stage in STAGES.items():
+    c = get_config(name)
+    for start in stage.starts_from:
+      value = functools.reduce(lambda node, key: node[key], start.field.split("."), c)
+      assert value == (f"runs/demo/{start.stage}" if start.required else ""), (name, start)
+
+
+def test_unknown_stage_and_tuning_mode_name_the_known_ones():
+  from train import stages, tuning
+  with pytest.raises(ValueError, match="use one of siglip, visualizer, language, connector, vpit"):
+    stages.get("pretrain")
+  with pytest.raises(ValueError, match="use one of full"):
+    tuning.get("lora")
+  with pytest.raises(ValueError, match="takes no options"):
+    tuning.get("full", rank=16)
+
+
 def test_smollm2_config_builds_without_weights():
   from configs.smollm2_135m import get_config
   for stage in ("connector", "vpit"):
     s = trainer.make_setup(get_config(stage), load_weights=False)
-    llm = trainer.count_params(s.abstract_state.params["llm"])
-    llm += trainer.count_params(s.abstract_state.frozen.get("llm", {}))
+    llm = count_params(s.abstract_state.params["llm"])
+    llm += count_params(s.abstract_state.frozen.get("llm", {}))
     assert abs(llm / 134.5e6 - 1) < 0.01, llm   # SmolLM2-135M (tied embeddings)
   with pytest.raises(ValueError, match="connector or vpit"):
     get_config("siglip")
@@ -145,7 +180,7 @@ def test_smollm2_config_builds_from_the_gguf(tmp_path):
   s = trainer.make_setup(c)
   assert s.spec.llm_params is not None and s.spec.tokenizer is not None
   assert s.spec.config.llm.vocab_size == 49152 + 2 and s.spec.new_token_ids == (49152, 49153)
-  assert s.spec.config.vision.hidden_size == 96 and trainer.count_params(s.abstract_state.params) > 134e6
+  assert s.spec.config.vision.hidden_size == 96 and count_params(s.abstract_state.params) > 134e6
 
 
 # ----------------------------------------------------------------------------- remat
@@ -188,11 +223,12 @@ _PLAN_SD15 = textwrap.dedent("""
     import json, math, jax
     from configs.visualizer_sd15 import get_config
     from train import trainer
+    from train.metrics import count_params
     s = trainer.make_setup(get_config(), load_weights=False)
     st = s.abstract_state
     print("PLAN " + json.dumps({
-        "unet": trainer.count_params(st.params["visualizer"]["unet"]),
-        "vae": trainer.count_params(st.frozen["visualizer"]["vae"]),
+        "unet": count_params(st.params["visualizer"]["unet"]),
+        "vae": count_params(st.frozen["visualizer"]["vae"]),
         "total_bytes": sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(st)),
         "per_device": trainer.per_device_bytes(s)}))
 """)

@@ -169,7 +169,7 @@ def test_mesh_of_8_devices_matches_one_device(runs, tiny_world):
   # row_fill: record tokens / token slots of each step's batch, as the pipeline packs it
   from train import trainer
   setup = trainer.make_setup(_config(tiny_world, ONE_DEVICE), load_weights=False)
-  batches = trainer._datasets(setup, setup.config.data.train_split, seed=setup.config.seed)
+  batches = trainer.batches(setup, setup.config.data.train_split, seed=setup.config.seed)
   fills = [tokens / slots for tokens, slots, _ in (trainer._batch_counts(next(batches)) for _ in range(STEPS))]
   assert all(0 < f < 1 for f in fills), fills
   assert _row_fills(dirs["one"]) == _row_fills(dirs["mesh"]) == pytest.approx(fills, rel=1e-12)

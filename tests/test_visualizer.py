@@ -234,7 +234,7 @@ def test_samplers_recover_the_image_from_the_true_noise(prediction_type):
   """The loop and schedulers with an oracle model output (for a known x0) land on x0."""
   config = tiny_config(prediction_type=prediction_type)
   x0 = jnp.transpose(images(0), (0, 3, 1, 2)) * 0.9
-  alphas = V._scheduler(config, "ddim").create_state().common.alphas_cumprod
+  alphas = V.scheduler("ddim", config.schedule).create_state().common.alphas_cumprod
 
   def oracle(x, t):
     a = alphas[t]
@@ -435,7 +435,7 @@ def test_samplers_from_a_noised_init_land_on_it(sampler, tol):
   """Started from ``init`` noised halfway, both loops with an oracle model output land on ``init``."""
   config = tiny_config(draft_width=4, draft_strength=0.5)
   x0 = jnp.transpose(images(1), (0, 3, 1, 2)) * 0.9
-  alphas = V._scheduler(config, "ddim").create_state().common.alphas_cumprod
+  alphas = V.scheduler("ddim", config.schedule).create_state().common.alphas_cumprod
 
   def oracle(x, t):  # v-prediction (the toy preset's) for the known x0
     a = alphas[t]

@@ -2,24 +2,28 @@
 import pytest
 from transformers import AutoTokenizer
 
-from metamorph.data import conversation, shapes_tasks, world_tokenizer
-from metamorph.data.world_tokenizer import SPECIAL_TOKENS
+from metamorph.data import conversation
+from metamorph.shapes.examples import make_example
+from metamorph.shapes.phrases import world_texts
+from metamorph.shapes.prompts import eval_prompts
+from metamorph.shapes.tasks import TASKS
+from metamorph.shapes.tokenizer import SPECIAL_TOKENS, build_world_tokenizer
 
 ROLE = {"human": "user", "gpt": "assistant"}
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  return world_tokenizer.build_world_tokenizer()
+  return build_world_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def records():
   """Records of every task kind (each kind forced, plus the default mix) and eval prompts."""
-  out = [shapes_tasks.make_example(7, i, tasks=[t], holdout=["red:circle"])[0]
-         for t in shapes_tasks.TASKS for i in range(60)]
-  out += [shapes_tasks.make_example(8, i)[0] for i in range(300)]
-  return out + shapes_tasks.eval_prompts(["red:circle"])
+  out = [make_example(7, i, tasks=[t], holdout=["red:circle"])[0]
+         for t in TASKS for i in range(60)]
+  out += [make_example(8, i)[0] for i in range(300)]
+  return out + eval_prompts(["red:circle"])
 
 
 def _messages(record):
@@ -39,7 +43,7 @@ def test_special_tokens_and_size(tokenizer):
 
 def test_vocabulary_is_complete(tokenizer, records):
   unk = tokenizer.unk_token_id
-  for text in shapes_tasks.world_texts():
+  for text in world_texts():
     assert unk not in tokenizer.encode(text, add_special_tokens=False), text
   for record in records:
     for turn in record["conversations"]:
@@ -72,7 +76,7 @@ def test_chat_template_round_trip(tokenizer, records):
 
 
 def test_save_and_load(tmp_path, tokenizer, records):
-  world_tokenizer.build_world_tokenizer(str(tmp_path))
+  build_world_tokenizer(str(tmp_path))
   assert (tmp_path / "tokenizer.json").exists()
   loaded = AutoTokenizer.from_pretrained(str(tmp_path))
   assert len(loaded) == len(tokenizer) and loaded.get_vocab() == tokenizer.get_vocab()

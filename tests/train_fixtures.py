@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from metamorph.data import shapes
+from metamorph.shapes.world import write_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def build_tiny_world(out_dir: str) -> str:
   """200 train / 40 validation / 64 caption / 64 text-only records at 16 px, red circles
   held out."""
-  shapes.build_world(out_dir, n=200, seed=0, holdout=["red:circle"], image_size=16, val_n=40, progress=False,
-                     captions_n=64, language_n=64)
+  write_world(out_dir, n=200, seed=0, holdout=["red:circle"], image_size=16, val_n=40, progress=False,
+              captions_n=64, language_n=64)
   return out_dir
 
 

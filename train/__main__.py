@@ -1,6 +1,6 @@
 """Training job: ``python -m train --config configs/NAME.py[:ARG] --workdir DIR [--config.FIELD=VALUE ...]``.
 
-The config's ``stage`` picks what trains (siglip, visualizer, language, connector, vpit). Rerunning the
+The config's ``stage`` (a name in ``train.stages.STAGES``) picks what trains. Rerunning the
 same command resumes from the latest checkpoint in DIR. Several processes
 (multi-host): pass --coordinator, --num_processes and --process_id, or rely on
 ``jax.distributed.initialize()``'s auto-detection (TPU pods, SLURM) with
@@ -13,6 +13,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from metamorph.convert import ConversionError
+from metamorph.data.records import RecordError
+
 config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])", lock_config=True)
 flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics.jsonl, tensorboard, model/")
 flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs")
@@ -24,7 +27,7 @@ FLAGS = flags.FLAGS
 
 
 def _init_distributed() -> None:
-  import jax
+  import jax  # slow import: jax (``--help`` needs none)
   if FLAGS.coordinator or (FLAGS.num_processes or 1) > 1:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   elif FLAGS.distributed:
@@ -35,10 +38,8 @@ def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
   _init_distributed()
-  from metamorph.checkpoint import CheckpointError
-  from metamorph.convert import ConversionError
-  from metamorph.data.records import RecordError
-  from train.trainer import TrainingError, run
+  from metamorph.checkpoint import CheckpointError  # slow import: orbax, jax (``--help`` needs none)
+  from train.trainer import TrainingError, run  # slow import: jax, flax
   try:
     run(FLAGS.config, FLAGS.workdir)
   except (TrainingError, CheckpointError, ConversionError, RecordError, ValueError) as e:

@@ -1,4 +1,8 @@
-"""Training data from the config: grain pipelines over TFDS datasets.
+"""The trainer's input pipelines: grain pipelines over TFDS datasets of conversation records.
+
+Three pipelines, chosen by the stage (``train.stages``): ``vpit_batches`` (packed conversations),
+``caption_pairs`` (image-caption pairs for SigLIP) and ``image_batches`` (every image, for the
+visualizer). They read ``DataSettings``, the config's ``data`` fields and the global batch size.
 
 The records are split into ``data.virtual_shards`` shards (default: one per
 process), each packed into ``batch_size / virtual_shards`` rows per batch by
@@ -10,11 +14,11 @@ resumes with the process count it was saved with (``set_state`` says so otherwis
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 
 from metamorph.data import tfds_builder
@@ -22,33 +26,55 @@ from metamorph.data.conversation import TokenLayout
 from metamorph.data.images import load_image, preprocess
 from metamorph.data.pipeline import examples, make_dataset
 from metamorph.sharding import logical_to_spec
+from metamorph.tokens import IMAGE_PLACEHOLDER
 
 HOST_ONLY = ("dropped",)  # batch fields that stay on the host (drop counts)
 
 
-def sources(config: ml_collections.ConfigDict, split: str):
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """The ``data`` fields of a training config (see ``train/defaults.py``) and the global
+  batch size (``train.batch_size``)."""
+  data_dir: str
+  name: str
+  weights: str
+  train_split: str
+  eval_split: str
+  tokenizer: str
+  image_size: int
+  seq_len: int
+  images_per_row: int
+  open_rows: int
+  text_len: int
+  num_threads: int
+  virtual_shards: int
+  strict: bool
+  batch_size: int
+
+
+def sources(d: DataSettings, split: str):
   """One source, or (source, weight) pairs when ``data.name`` lists several datasets."""
-  names = [n.strip() for n in config.data.name.split(",") if n.strip()]
-  if not names or not config.data.data_dir:
+  names = [n.strip() for n in d.name.split(",") if n.strip()]
+  if not names or not d.data_dir:
     raise ValueError("config.data.name and config.data.data_dir must name a TFDS dataset")
-  opened = [tfds_builder.open_source(config.data.data_dir, name, split) for name in names]
+  opened = [tfds_builder.open_source(d.data_dir, name, split) for name in names]
   if len(opened) == 1:
     return opened[0]
-  weights = [float(w) for w in config.data.weights.split(",")] if config.data.weights else [1.0] * len(opened)
+  weights = [float(w) for w in d.weights.split(",")] if d.weights else [1.0] * len(opened)
   if len(weights) != len(opened):
     raise ValueError(f"config.data.weights has {len(weights)} entries for {len(opened)} datasets")
   return list(zip(opened, weights))
 
 
-def virtual_shards(config: ml_collections.ConfigDict) -> tuple[range, int]:
-  """(this process's virtual shards, rows per shard and batch)."""
-  b, n = config.train.batch_size, jax.process_count()
-  k = config.data.virtual_shards or n
+def virtual_shards(d: DataSettings) -> tuple[range, int, int]:
+  """(this process's virtual shards, their count, rows per shard and batch)."""
+  b, n = d.batch_size, jax.process_count()
+  k = d.virtual_shards or n
   if k % n or b % k:
     raise ValueError(f"config.data.virtual_shards ({k}) must be a multiple of the {n} processes "
                      f"and divide config.train.batch_size ({b})")
   per_process = k // n
-  return range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process), b // k
+  return range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process), k, b // k
 
 
 class ShardedBatches:
@@ -82,32 +108,42 @@ class ShardedBatches:
     """Called by grain's checkpoint handler after a restore; nothing to start."""
 
 
-def vpit_batches(config: ml_collections.ConfigDict, tokenizer, layout: TokenLayout, split: str,
+def vpit_batches(d: DataSettings, tokenizer, layout: TokenLayout, split: str,
                  *, seed: int, num_epochs: int | None = None) -> ShardedBatches:
-  shards, rows = virtual_shards(config)
-  k = config.data.virtual_shards or jax.process_count()
+  """Conversations, formatted and packed into rows (``metamorph.data.pipeline``)."""
+  shards, k, rows = virtual_shards(d)
   return ShardedBatches([
-      make_dataset(sources(config, split), tokenizer=tokenizer, layout=layout,
-                   image_size=config.data.image_size, seq_len=config.data.seq_len,
-                   images_per_row=config.data.images_per_row, batch_size=rows, seed=seed,
-                   num_epochs=num_epochs, shard_index=v, shard_count=k, strict=config.data.strict,
-                   read_threads=config.data.num_threads, open_rows=config.data.open_rows) for v in shards])
+      make_dataset(sources(d, split), tokenizer=tokenizer, layout=layout, image_size=d.image_size,
+                   seq_len=d.seq_len, images_per_row=d.images_per_row, batch_size=rows, seed=seed,
+                   num_epochs=num_epochs, shard_index=v, shard_count=k, strict=d.strict,
+                   read_threads=d.num_threads, open_rows=d.open_rows) for v in shards])
+
+
+def caption_of(images: list, turns: list[tuple[str, str]]) -> str | None:
+  """The caption of an image-caption pair, else None.
+
+  A record is an image-caption pair when it has exactly one image, placed in its first
+  user turn, and its first answer is text only (no ``<image>``); that answer is the caption.
+  ``turns`` are (role, text) pairs with roles user / assistant / system.
+  """
+  users = [text for role, text in turns if role == "user"]
+  answers = [text for role, text in turns if role == "assistant"]
+  if len(images) != 1 or not users or not answers or IMAGE_PLACEHOLDER not in users[0]:
+    return None
+  return None if IMAGE_PLACEHOLDER in answers[0] else answers[0]
 
 
 class _CaptionPair:
-  """Stored example -> {"images" [H, W, 3], "text_ids" [L]} for single-image caption
-  records (``meta.questions[0] == "caption"``), else None (not a caption pair)."""
+  """Stored example -> {"images" [H, W, 3], "text_ids" [L]} for an image-caption pair
+  (``caption_of``), else None."""
 
   def __init__(self, tokenizer, image_size: int, text_len: int):
     self.tokenizer, self.image_size, self.text_len = tokenizer, image_size, text_len
 
   def __call__(self, example):
-    extra = json.loads(_text(example.get("extra", "{}")) or "{}")
-    questions = extra.get("meta", {}).get("questions", [])
-    if len(example["images"]) != 1 or not questions or questions[0] != "caption":
+    caption = caption_of(example["images"], json.loads(_text(example["conversations"])))
+    if caption is None:
       return None
-    turns = json.loads(_text(example["conversations"]))
-    caption = next(text for role, text in turns if role == "assistant")
     ids = self.tokenizer.encode(caption, add_special_tokens=False)[: self.text_len]
     ids = ids + [self.tokenizer.pad_token_id] * (self.text_len - len(ids))
     image = preprocess(load_image(example["images"][0]), self.image_size)
@@ -118,16 +154,16 @@ def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def siglip_batches(config: ml_collections.ConfigDict, tokenizer, split: str, *, seed: int,
-                   num_epochs: int | None = None) -> ShardedBatches:
-  shards, rows = virtual_shards(config)
-  k = config.data.virtual_shards or jax.process_count()
+def caption_pairs(d: DataSettings, tokenizer, split: str, *, seed: int,
+                  num_epochs: int | None = None) -> ShardedBatches:
+  """The split's image-caption pairs (``caption_of``): ``images`` [B, H, W, 3], ``text_ids`` [B, L]."""
+  shards, k, rows = virtual_shards(d)
   def one(v: int) -> grain.IterDataset:
-    pairs = examples(sources(config, split), seed=seed, num_epochs=num_epochs, shard_index=v,
-                     shard_count=k).map(_CaptionPair(tokenizer, config.data.image_size, config.data.text_len))
-    ds = pairs.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads)).filter(
+    pairs = examples(sources(d, split), seed=seed, num_epochs=num_epochs, shard_index=v,
+                     shard_count=k).map(_CaptionPair(tokenizer, d.image_size, d.text_len))
+    ds = pairs.to_iter_dataset(grain.ReadOptions(num_threads=d.num_threads)).filter(
         lambda x: x is not None)
-    # Most records are not caption pairs; skipping them is intended.
+    # A mixed split holds other records too; skipping them is intended.
     ds = grain.experimental.WithOptionsIterDataset(
         ds, grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None))
     return ds.batch(rows, drop_remainder=True)
@@ -151,15 +187,13 @@ class _EachImage(grain.experimental.FlatMapTransform):
     return [{"images": image} for image in images]
 
 
-def image_batches(config: ml_collections.ConfigDict, split: str, *, seed: int,
-                  num_epochs: int | None = None) -> ShardedBatches:
+def image_batches(d: DataSettings, split: str, *, seed: int, num_epochs: int | None = None) -> ShardedBatches:
   """Every image of the records (prompts and responses), in batches of ``images`` [B, H, W, 3]."""
-  shards, rows = virtual_shards(config)
-  k = config.data.virtual_shards or jax.process_count()
+  shards, k, rows = virtual_shards(d)
   def one(v: int) -> grain.IterDataset:
-    images = examples(sources(config, split), seed=seed, num_epochs=num_epochs, shard_index=v,
-                      shard_count=k).map(_Images(config.data.image_size))
-    ds = images.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads))
+    images = examples(sources(d, split), seed=seed, num_epochs=num_epochs, shard_index=v,
+                      shard_count=k).map(_Images(d.image_size))
+    ds = images.to_iter_dataset(grain.ReadOptions(num_threads=d.num_threads))
     return grain.experimental.FlatMapIterDataset(ds, _EachImage()).batch(rows, drop_remainder=True)
   return ShardedBatches([one(v) for v in shards])
 

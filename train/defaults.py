@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import ml_collections
 
-STAGES = ("siglip", "language", "connector", "vpit", "visualizer")
-
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.stage = "vpit"          # one of STAGES
+  c.stage = "vpit"          # a stage of train.stages.STAGES: what trains, on what, with which loss
   c.seed = 0
+
+  # --- tuning mode ----------------------------------------------------------------
+  c.tuning = ml_collections.ConfigDict()
+  c.tuning.mode = "full"    # a mode of train.tuning.MODES: how the stage's parameters train
 
   # --- model -------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -23,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.visualizer_init = ""  # a diffusers Stable Diffusion folder or our converted one (UNet + VAE)
   c.model.visualizer_from = ""  # vpit: a visualizer-stage workdir, named in the export for sampling only
   c.model.num_visual_tokens = 16  # m tokens per image
-  c.model.vision_coef = 1.0       # forced to 0 in the connector stage
+  c.model.vision_coef = 1.0       # weight of the vision loss, in stages that have it (vpit; see train.stages)
   c.model.slot_embeddings = False  # a learned vector per visual-token slot after the projector
   c.model.dtype = "float32"       # compute dtype ("bfloat16" on accelerators)
   c.model.param_dtype = "float32"

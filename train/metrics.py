@@ -33,8 +33,38 @@ def peak_flops(configured: float = 0.0) -> float | None:
   return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
 
 
+def count_params(state_part) -> int:
+  return sum(x.size for x in jax.tree.leaves(state_part))
+
+
 def llm_flops_per_token(n_trained: int, n_frozen: int, layers: int, width: int, seq_len: int) -> float:
   return 6.0 * n_trained + 2.0 * n_frozen + 12.0 * layers * width * seq_len
+
+
+# FLOPs formulas of the stages (``Stage.flops``): (model spec, abstract train state, sequence
+# length) -> (model FLOPs per trained token, per image) of a step.
+
+def metamorph_flops(spec, state, seq_len: int) -> tuple[float, float]:
+  """The LLM as above; the frozen vision encoder's forward per image."""
+  llm, vision = spec.config.llm, spec.config.vision
+  n_vision = count_params(state.frozen["vision"])
+  n_frozen_llm = count_params(state.frozen) - n_vision
+  per_token = llm_flops_per_token(count_params(state.params), n_frozen_llm, llm.num_layers, llm.hidden_size,
+                                  seq_len)
+  return per_token, 2.0 * n_vision * vision.num_patches
+
+
+def siglip_flops(spec, state, seq_len: int) -> tuple[float, float]:
+  """Both towers train: 6 N per caption token (text tower), 6 N per patch (vision tower)."""
+  del seq_len  # captions have data.text_len tokens, counted by the batch
+  n_vision = count_params(state.params["vision"])
+  return 6.0 * (count_params(state.params) - n_vision), 6.0 * n_vision * spec.config.vision.num_patches
+
+
+def unmodelled_flops(spec, state, seq_len: int) -> tuple[float, float]:
+  """No formula (the diffusion UNet's FLOPs): no MFU for the stage."""
+  del spec, state, seq_len
+  return 0.0, 0.0
 
 
 class MetricsWriter:
@@ -46,7 +76,7 @@ class MetricsWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-    from tensorboardX import SummaryWriter
+    from tensorboardX import SummaryWriter  # slow import: tensorboardX (seconds), process 0 only
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:

@@ -2,12 +2,26 @@
 weight decay on matrices only (not on norms, biases or embedding tables)."""
 from __future__ import annotations
 
-import ml_collections
+import dataclasses
+
 import optax
 from flax import nnx
 
 
-def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The ``optim`` fields of a training config (see ``train/defaults.py``)."""
+  lr: float
+  warmup_frac: float
+  final_lr_frac: float
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  clip_norm: float
+
+
+def learning_rate(optim: Settings, total_steps: int) -> optax.Schedule:
   """0 -> lr over ``warmup_frac`` of the steps, then cosine to ``lr * final_lr_frac``."""
   warmup = int(round(optim.warmup_frac * total_steps))
   if warmup == 0:
@@ -22,10 +36,10 @@ def decay_mask(params: nnx.State) -> nnx.State:
   return nnx.map_state(lambda path, _: path[-1] == "kernel", params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim: Settings, total_steps: int) -> optax.GradientTransformation:
   for name in ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "warmup_frac"):
-    if optim[name] < 0:
-      raise ValueError(f"config.optim.{name} must be >= 0, got {optim[name]}")
+    if getattr(optim, name) < 0:
+      raise ValueError(f"config.optim.{name} must be >= 0, got {getattr(optim, name)}")
   if not 0 <= optim.warmup_frac < 1:
     raise ValueError(f"config.optim.warmup_frac must be in [0, 1), got {optim.warmup_frac}")
   chain = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []

@@ -1,4 +1,9 @@
-"""The training loop: sharded state, jitted steps, checkpoints, metrics, evaluation."""
+"""The training loop: sharded state, jitted steps, checkpoints, metrics, evaluation.
+
+``make_setup`` resolves the config once: the stage (``train.stages``), the tuning mode
+(``train.tuning``), the model spec (``train.model_init``), the data and optimizer settings.
+Everything below it receives those pieces, not the config.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -19,10 +24,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from metamorph import checkpoint, sharding
-from metamorph.data.conversation import TokenLayout
 from metamorph.data.packing import PIPELINE_REASONS
-from train import data, metrics, model_init, optimizer, stages
-from train.defaults import STAGES
+from metamorph.model_folder import MODEL_DIR
+from train import data, metrics, model_init, optimizer, stages, tuning
 from train.step import TrainState, eval_step, train_step
 
 
@@ -36,7 +40,10 @@ class Setup:
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   stage: stages.Stage
+  tuning: tuning.TuningMode
   spec: model_init.ModelSpec
+  data: data.DataSettings
+  trainable: Any                # nnx filter of the trained parameters (stage, then tuning mode)
   graphdef: Any
   abstract_state: TrainState
   shardings: Any
@@ -44,10 +51,15 @@ class Setup:
   schedule: Any
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Clear errors for an inconsistent config, before anything expensive runs."""
-  if config.stage not in STAGES:
-    raise TrainingError(f"config.stage is {config.stage!r}; use one of {STAGES}")
+def validate(config: ml_collections.ConfigDict) -> tuple[stages.Stage, tuning.TuningMode]:
+  """Clear errors for an inconsistent config, before anything expensive runs; its stage
+  and tuning mode."""
+  try:
+    stage = stages.get(config.stage)
+  except ValueError as e:
+    raise TrainingError(f"config.stage: {e}") from e
+  options = config.tuning.to_dict()
+  mode = tuning.get(options.pop("mode"), **options)
   t = config.train
   for name in ("steps", "batch_size", "micro_batches", "log_every", "keep_checkpoints"):
     if t[name] < 1:
@@ -55,16 +67,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.batch_size % t.micro_batches:
     raise TrainingError(f"config.train.batch_size ({t.batch_size}) is not divisible by "
                         f"config.train.micro_batches ({t.micro_batches})")
-  if config.stage == "siglip" and t.micro_batches != 1:
-    raise TrainingError("the siglip stage's loss couples the whole batch: use train.micro_batches=1")
+  if not stage.supports_micro_batches and t.micro_batches != 1:
+    raise TrainingError(f"the {stage.name} stage's loss couples the whole batch: use train.micro_batches=1")
   if config.data.open_rows < 1:
     raise TrainingError(f"config.data.open_rows must be >= 1 (1: greedy packing), got {config.data.open_rows}")
   if config.mesh.cpu_devices < 0:
     raise TrainingError(f"config.mesh.cpu_devices must be >= 0 (0: JAX's default), got {config.mesh.cpu_devices}")
+  return stage, mode
 
 
 def make_setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Setup:
-  validate(config)
+  """Resolves ``config`` into the run's pieces and the abstract (sharded) train state;
+  ``load_weights=False`` reads no weights (architectures only: memory planning, tests)."""
+  stage, mode = validate(config)
   sharding.use_cpu_devices(config.mesh.cpu_devices)
   try:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -74,15 +89,17 @@ def make_setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) 
   if config.train.batch_size % batch_shards:
     raise TrainingError(f"config.train.batch_size ({config.train.batch_size}) must be divisible by "
                         f"mesh data x fsdp = {batch_shards}")
-  spec = model_init.spec(config, load_weights=load_weights)
-  stage = stages.stage(config.stage, vision_coef=config.model.vision_coef,
-                       new_token_ids=spec.new_token_ids)
-  abstract_model = nnx.eval_shape(lambda: model_init.random_model(spec, config.seed))
-  graphdef, params, frozen = nnx.split(abstract_model, stage.trainable, ...)
-  schedule = optimizer.learning_rate(config.optim, config.train.steps)
-  tx = optimizer.make_optimizer(config.optim, config.train.steps)
+  spec = stage.model(config, vision_loss=stage.vision_loss, load_weights=load_weights)
+  stage = stage.with_new_tokens(spec)
+  trainable = mode.trainable(stage.trainable)
+  abstract_model = nnx.eval_shape(lambda: mode.transform(model_init.random_model(spec, config.seed)))
+  graphdef, params, frozen = nnx.split(abstract_model, trainable, ...)
+  optim = optimizer.Settings(**config.optim.to_dict())
+  schedule = optimizer.learning_rate(optim, config.train.steps)
+  tx = optimizer.make_optimizer(optim, config.train.steps)
   abstract_state = jax.eval_shape(functools.partial(_new_state, tx, config.seed), params, frozen)
-  return Setup(config, mesh, stage, spec, graphdef, abstract_state,
+  settings = data.DataSettings(**config.data.to_dict(), batch_size=config.train.batch_size)
+  return Setup(config, mesh, stage, mode, spec, settings, trainable, graphdef, abstract_state,
                sharding.tree_shardings(abstract_state, mesh), tx, schedule)
 
 
@@ -95,17 +112,18 @@ def initial_state(s: Setup) -> TrainState:
   """A fresh state, created sharded; pretrained / init_from weights loaded first if any."""
   c = s.config
   create = jax.jit(functools.partial(_new_state, s.tx, c.seed), out_shardings=s.shardings)
-  if not (c.init_from or s.spec.llm_params is not None or c.model.siglip_init):
+  if not (c.init_from or s.spec.load_pretrained):
     def fresh():
-      model = model_init.random_model(s.spec, c.seed)
-      _, params, frozen = nnx.split(model, s.stage.trainable, ...)
+      model = s.tuning.transform(model_init.random_model(s.spec, c.seed))
+      _, params, frozen = nnx.split(model, s.trainable, ...)
       return _new_state(s.tx, c.seed, params, frozen)
     return jax.jit(fresh, out_shardings=s.shardings)()   # no host holds the whole model
   model = model_init.random_model(s.spec, c.seed)
-  model_init.load_pretrained(model, s.spec, c)
+  if s.spec.load_pretrained:
+    s.spec.load_pretrained(model)
   if c.init_from:
     model_init.load_run(model, c.init_from)
-  _, params, frozen = nnx.split(model, s.stage.trainable, ...)
+  _, params, frozen = nnx.split(s.tuning.transform(model), s.trainable, ...)
   return create(params, frozen)
 
 
@@ -118,10 +136,6 @@ def per_device_bytes(s: Setup) -> dict[str, float]:
       per_device[device] += nbytes
   values = list(per_device.values())
   return {"max": float(max(values)), "mean": float(np.mean(values))}
-
-
-def count_params(state_part) -> int:
-  return sum(x.size for x in jax.tree.leaves(state_part))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -154,44 +168,28 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def _datasets(s: Setup, split: str, seed: int, num_epochs: int | None = None):
-  c = s.config
-  if c.stage == "siglip":
-    return data.siglip_batches(c, s.spec.tokenizer, split, seed=seed, num_epochs=num_epochs)
-  if c.stage == "visualizer":
-    return data.image_batches(c, split, seed=seed, num_epochs=num_epochs)
-  layout = TokenLayout.from_tokenizer(s.spec.tokenizer, c.model.num_visual_tokens)
-  return data.vpit_batches(c, s.spec.tokenizer, layout, split, seed=seed, num_epochs=num_epochs)
+def batches(s: Setup, split: str, *, seed: int, num_epochs: int | None = None) -> data.ShardedBatches:
+  """The stage's batches of ``split`` (process-local rows)."""
+  return s.stage.batches(s.data, s.spec, split, seed=seed, num_epochs=num_epochs)
 
 
 def _meta(s: Setup, workdir: str) -> dict:
-  return {"stage": s.config.stage, "config": json.loads(s.config.to_json()),
-          "model_config": s.spec.config.to_dict(), "workdir": os.path.abspath(workdir)}
+  """What a checkpoint records besides the state: the config and what it resolved to."""
+  return {"stage": s.stage.name, "vision_loss": s.stage.vision_loss, "tuning": s.tuning.name,
+          "config": json.loads(s.config.to_json()), "model_config": s.spec.config.to_dict(),
+          "workdir": os.path.abspath(workdir)}
 
 
 def flops_model(s: Setup) -> tuple[float, float]:
-  """(model FLOPs per trained token, per image) of a step (see ``train.metrics``)."""
-  st = s.abstract_state
-  n_trained = count_params(st.params)
-  if s.config.stage == "visualizer":
-    return 0.0, 0.0  # diffusion UNet FLOPs are not modelled: no MFU for this stage
-  if s.config.stage == "siglip":
-    vision = s.spec.config.vision
-    n_vision = count_params(st.params["vision"])
-    return 6.0 * (n_trained - n_vision), 6.0 * n_vision * vision.num_patches
-  llm, vision = s.spec.config.llm, s.spec.config.vision
-  n_vision = count_params(st.frozen["vision"])
-  n_frozen_llm = count_params(st.frozen) - n_vision
-  per_token = metrics.llm_flops_per_token(n_trained, n_frozen_llm, llm.num_layers, llm.hidden_size,
-                                          s.config.data.seq_len)
-  return per_token, 2.0 * n_vision * vision.num_patches
+  """(model FLOPs per trained token, per image) of a step: the stage's formula (``train.metrics``)."""
+  return s.stage.flops(s.spec, s.abstract_state, s.data.seq_len)
 
 
 def evaluate(s: Setup, eval_fn, state: TrainState) -> dict[str, float]:
   """Mean eval metrics over ``train.eval_batches`` batches of the eval split."""
   totals: dict[str, float] = {}
   n = 0
-  for batch in _datasets(s, s.config.data.eval_split, seed=0, num_epochs=1):
+  for batch in batches(s, s.data.eval_split, seed=0, num_epochs=1):
     out = jax.device_get(eval_fn(state, data.global_batch(batch, s.mesh)))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
@@ -207,7 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   s = make_setup(config)
   c = config
   mgr = checkpoint.manager(workdir, keep=c.train.keep_checkpoints, async_save=c.train.async_checkpoints)
-  train_iter = _datasets(s, c.data.train_split, seed=c.seed)
+  train_iter = batches(s, s.data.train_split, seed=c.seed)
   if mgr.latest_step() is not None:
     state, _, step = checkpoint.restore(mgr, checkpoint.abstract_like(s.abstract_state, s.shardings),
                                         train_iter)
@@ -231,7 +229,7 @@ def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[s
   per_token, per_image = flops_model(s)
   last: dict[str, Any] = {}
   window = {"tokens": 0, "slots": 0, "images": 0, "flops": 0.0, "time": time.perf_counter()}
-  bar = tqdm(total=c.train.steps, initial=start_step, desc=f"{c.stage}", dynamic_ncols=True,
+  bar = tqdm(total=c.train.steps, initial=start_step, desc=s.stage.name, dynamic_ncols=True,
              disable=jax.process_index() != 0)
   meta = _meta(s, workdir)
   try:
@@ -246,7 +244,7 @@ def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[s
       window["images"] += images * jax.process_count()
       window["flops"] += (per_token * tokens + per_image * images) * jax.process_count()
       done = step + 1
-      if c.train.sample_every and done % c.train.sample_every == 0:
+      if s.stage.sample and c.train.sample_every and done % c.train.sample_every == 0:
         _write_samples(s, state, local, os.path.join(workdir, "samples", f"step_{done:07d}.png"))
       if done % c.train.log_every == 0 or done == c.train.steps:
         out = jax.device_get(out)
@@ -291,25 +289,16 @@ def _export(s: Setup, state: TrainState, workdir: str) -> None:
   if jax.process_count() > 1:  # a collective (every process calls it): process 0 gets whole arrays
     params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
   if jax.process_index() == 0:
-    model = nnx.merge(s.graphdef, params, frozen)
-    model_init.export(model, s.spec.tokenizer, os.path.join(workdir, model_init.MODEL_DIR),
-                      visualizer=s.config.model.visualizer_from)
+    model = s.tuning.merge(nnx.merge(s.graphdef, params, frozen))
+    s.stage.export(model, s.spec, os.path.join(workdir, MODEL_DIR))
 
 
 def _write_samples(s: Setup, state: TrainState, local: dict[str, np.ndarray], path: str) -> None:
-  """Visualizer stage: up to 8 images of the batch (top) above their reconstructions (bottom).
-  Single-process runs only (process 0 would need every shard of the model)."""
-  if s.config.stage != "visualizer" or jax.process_count() > 1:
+  """The stage's sample hook on the current model. Single-process runs only (process 0
+  would need every shard of the model)."""
+  if jax.process_count() > 1:
     return
-  from PIL import Image
-
-  from metamorph.models.visualizer import reconstruct, to_uint8
-  model = nnx.merge(s.graphdef, state.params, state.frozen)
-  originals = np.asarray(to_uint8(local["images"][:8]))
-  rebuilt = reconstruct(model.visualizer, model.vision, originals)
-  grid = np.concatenate([np.concatenate(list(originals), 1), np.concatenate(list(rebuilt), 1)], 0)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(grid).save(path)
+  s.stage.sample(nnx.merge(s.graphdef, state.params, state.frozen), local, path)
 
 
 def _check_finite(loss: float, step: int, workdir: str, mgr) -> None:

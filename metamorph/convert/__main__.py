@@ -18,7 +18,7 @@ from metamorph.convert import ConversionError, read_llm
 
 
 def _llm(args) -> str:
-  from metamorph.convert import llama
+  from metamorph.convert import llama  # slow import: flax (`--help` needs none)
   model_config, params, tokenizer = read_llm(args.src)
   model = llama.build(model_config, params, args.src)
   llama.save_llm(model, tokenizer, args.dst)
@@ -26,20 +26,20 @@ def _llm(args) -> str:
 
 
 def _siglip(args) -> str:
-  from metamorph.convert.siglip import convert_siglip
+  from metamorph.convert.siglip import convert_siglip  # slow import: flax
   convert_siglip(args.src, args.dst)
   return "SigLIP"
 
 
 def _export_hf(args) -> str:
-  from metamorph.convert import llama
+  from metamorph.convert import llama  # slow import: flax
   model_config, params, tokenizer = read_llm(args.src)
   llama.export_hf(llama.build(model_config, params, args.src), tokenizer, args.dst)
   return "transformers LlamaForCausalLM folder"
 
 
 def _visualizer(args) -> str:
-  from metamorph.convert.visualizer import convert_visualizer, count_params
+  from metamorph.convert.visualizer import convert_visualizer, count_params  # slow import: flax, diffusers
   params = convert_visualizer(args.src, args.dst)["params"]
   return (f"Stable Diffusion visualizer (UNet {count_params(params['unet']):,} and "
           f"VAE {count_params(params['vae']):,} parameters)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
 
 from metamorph.files import ConversionError
 
@@ -38,7 +40,6 @@ def hf_name(gguf_name: str) -> str | None:
 
 
 def _open(path: str):
-  from gguf import GGUFReader
   if not os.path.isfile(path):
     raise ConversionError(f"{path}: file not found")
   try:
@@ -80,7 +81,6 @@ def hf_config(reader, path: str) -> dict:
 
 def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(transformers-style config dict, transformers-named float32 tensors)."""
-  from gguf.quants import dequantize
   reader = _open(path)
   cfg = hf_config(reader, path)
   tensors = {}
@@ -105,7 +105,7 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 def load_gguf_tokenizer(path: str):
   """The transformers tokenizer (with chat template) stored in the GGUF file."""
-  from transformers import AutoTokenizer
+  from transformers import AutoTokenizer  # slow import: transformers
   try:
     return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                          gguf_file=os.path.basename(path))

@@ -19,7 +19,6 @@ from metamorph.params import build_module, module_params
 from metamorph.convert.tensor_map import TensorMap
 from metamorph.models.llama import Llama, LlamaConfig, RopeScaling
 
-LLM_KIND = "llm"
 _HF_MODEL_TYPES = ("llama",)
 
 
@@ -146,20 +145,6 @@ def build(config: LlamaConfig, params: Mapping[str, np.ndarray], source: str) ->
 
 # ----------------------------------------------------------------------------- folders
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-
-
-def load_tokenizer(folder: str, **kwargs):
-  """The folder's transformers tokenizer, or None when it ships none."""
-  if not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
-    return None
-  from transformers import AutoTokenizer
-  try:
-    return AutoTokenizer.from_pretrained(folder, **kwargs)
-  except (OSError, ValueError) as e:
-    raise ConversionError(f"{folder}: the tokenizer files could not be loaded ({e})") from e
-
-
 def read_hf_folder(folder: str, **overrides) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
   """(config, our flat params) from a transformers LLaMA folder."""
   cfg_path = os.path.join(folder, "config.json")
@@ -179,14 +164,13 @@ def export_hf(model: Llama, tokenizer, dst: str) -> None:
 
 
 def save_llm(model: Llama, tokenizer, dst: str) -> None:
-  """Writes our converted checkpoint: config.json, model.safetensors, tokenizer."""
-  model_folder.write_converted(dst, LLM_KIND, model.config.to_dict(), model)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(dst)
+  """Writes our LLM checkpoint: config.json, model.safetensors, tokenizer."""
+  model_folder.write_model(dst, model, tokenizer)
 
 
 def read_converted(folder: str, **overrides) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-  meta, params = model_folder.read_converted(folder, LLM_KIND)
+  """(config, our flat params) of a folder written by ``save_llm``."""
+  meta, params = model_folder.read_converted(folder, model_folder.LLM)
   try:
     config = LlamaConfig.from_dict({**meta["config"], **overrides})
   except (TypeError, ValueError) as e:

@@ -23,7 +23,6 @@ from metamorph.convert.tensor_map import TensorMap
 from metamorph.models.siglip import (Siglip, SiglipConfig, SiglipTextConfig, SiglipTextTower,
                                      SiglipVisionConfig, SiglipVisionTower)
 
-KIND = "siglip"
 TOWERS = ("vision", "text")
 
 AnyConfig = SiglipConfig | SiglipVisionConfig | SiglipTextConfig
@@ -204,11 +203,17 @@ def load_hf_siglip(folder: str, tower: str | None = None,
   return config, params_from_hf(config, hf, _weights_source(folder), hf_prefix)
 
 
+def save_siglip(module: AnyModel, dst: str, tokenizer=None) -> None:
+  """Writes our checkpoint: ``config.json`` (with the ``tower``), ``model.safetensors`` and the
+  tokenizer's files when given."""
+  model_folder.write_model(dst, module, tokenizer, tower=tower_of(module.config))
+
+
 def read_converted(folder: str, tower: str | None = None,
                    **overrides) -> tuple[AnyConfig, dict[str, np.ndarray]]:
-  """(config, our flat params) from a folder written by ``convert_siglip``."""
+  """(config, our flat params) from a folder written by ``save_siglip``."""
   cfg_path = os.path.join(folder, "config.json")
-  meta, params = model_folder.read_converted(folder, KIND)
+  meta, params = model_folder.read_converted(folder, model_folder.SIGLIP)
   classes = {"full": SiglipConfig, "vision": SiglipVisionConfig, "text": SiglipTextConfig}
   if meta.get("tower") not in classes:
     raise ConversionError(f"{cfg_path}: 'tower' must be one of {sorted(classes)}, got {meta.get('tower')!r}")
@@ -251,11 +256,6 @@ def load_siglip(folder: str, tower: str | None = None, **overrides) -> AnyModel:
   """
   config, params = read_siglip(folder, tower, **overrides)
   return build(config, params, folder)
-
-
-def save_siglip(module: AnyModel, dst: str) -> None:
-  """Writes our checkpoint: ``config.json`` and ``model.safetensors``."""
-  model_folder.write_converted(dst, KIND, module.config.to_dict(), module, tower=tower_of(module.config))
 
 
 def convert_siglip(src: str, dst: str, tower: str | None = None) -> AnyModel:

@@ -16,8 +16,8 @@ PyTorch -> Flax, per tensor:
   The VAE's attention projections ``to_q/to_k/to_v/to_out.0`` (or the older
   ``query/key/value/proj_attn``) -> ``query/key/value/proj_attn``.
 
-Our converted folder: ``config.json`` = ``{"format": "metamorph", "kind":
-"stable_diffusion", "config": {"unet": ..., "vae": ..., "scheduler": ...}}`` and
+Our converted folder (``metamorph.model_folder``, kind ``STABLE_DIFFUSION``): ``config.json``'s
+``config`` = ``{"unet": ..., "vae": ..., "scheduler": ...}`` and
 ``model.safetensors`` with flat keys ``"unet/" + "/".join(flax path)`` and
 ``"vae/" + ...``, e.g. ``unet/down_blocks_0/resnets_0/conv1/kernel``.
 
@@ -27,19 +27,18 @@ dtype=...)``). Parameters keep the checkpoint's dtype.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import os
 import re
 from collections.abc import Mapping
 
+import jax
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
-from metamorph.files import ConversionError, read_json, read_safetensors_file, write_json, write_safetensors
+from metamorph.files import ConversionError, read_json, read_safetensors_file, read_sharded
 from metamorph import model_folder
 
-KIND = "stable_diffusion"
 PARTS = ("unet", "vae")
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
@@ -169,30 +168,18 @@ def vae_config_from_diffusers(cfg: Mapping, source: str) -> dict:
 
 # ----------------------------------------------------------------------------- Flax models
 
-@contextlib.contextmanager
-def _quiet_diffusers():
-  """Silences diffusers' per-module 'Flax classes are deprecated' warnings."""
-  from diffusers.utils import logging as diffusers_logging
-  level = diffusers_logging.get_verbosity()
-  diffusers_logging.set_verbosity(logging.ERROR)
-  try:
-    yield
-  finally:
-    diffusers_logging.set_verbosity(level)
-
-
 def flax_unet(config: Mapping, **kwargs):
   """``FlaxUNet2DConditionModel(**config, **kwargs)`` (e.g. ``dtype=jnp.bfloat16``)."""
-  with _quiet_diffusers():
-    from diffusers.models.unets.unet_2d_condition_flax import FlaxUNet2DConditionModel
-    return FlaxUNet2DConditionModel(**config, **kwargs)
+  # slow import: diffusers (its glue also drops the "Flax classes are deprecated" messages)
+  from metamorph.models.visualizer.diffusers_modules import FlaxUNet2DConditionModel
+  return FlaxUNet2DConditionModel(**config, **kwargs)
 
 
 def flax_vae(config: Mapping, **kwargs):
   """``FlaxAutoencoderKL(**config, **kwargs)``."""
-  with _quiet_diffusers():
-    from diffusers.models.vae_flax import FlaxAutoencoderKL
-    return FlaxAutoencoderKL(**config, **kwargs)
+  # slow import: diffusers (its glue also drops the "Flax classes are deprecated" messages)
+  from metamorph.models.visualizer.diffusers_modules import FlaxAutoencoderKL
+  return FlaxAutoencoderKL(**config, **kwargs)
 
 
 _FLAX_MODELS = {"unet": flax_unet, "vae": flax_vae}
@@ -203,12 +190,9 @@ def param_shapes(part: str, config: Mapping, source: str = "") -> dict[tuple[str
 
   Runs ``init_weights`` under ``jax.eval_shape``: nothing is computed or allocated.
   """
-  import jax
-  from flax.traverse_util import flatten_dict
   try:
     model = _FLAX_MODELS[part](config)
-    with _quiet_diffusers():
-      shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0)))
+    shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0)))
   except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, AssertionError) as e:
     raise ConversionError(f"{source}: diffusers' Flax {part} cannot be built from this config ({e})") from e
   return {tuple(k): tuple(v.shape) for k, v in flatten_dict(shapes).items()}
@@ -275,7 +259,6 @@ def params_from_diffusers(part: str, expected: Mapping[tuple[str, ...], tuple[in
   the file it came from (for messages); ``source`` names the folder. Every Flax
   parameter must be found with its shape, and every tensor must be used.
   """
-  from flax.traverse_util import unflatten_dict
   by_canonical = {(_canonical(k[:-1]), k[-1]): k for k in expected}
   found: dict[tuple[str, ...], tuple[str, np.ndarray]] = {}
   unexpected = []
@@ -325,27 +308,14 @@ def read_diffusers_weights(folder: str, variant: str | None = None
   name = WEIGHTS_NAME + (f".{variant}" if variant else "") + ".safetensors"
   single, index = os.path.join(folder, name), os.path.join(folder, name + ".index.json")
   if os.path.isfile(index):
-    weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-      raise ConversionError(f"{index}: no 'weight_map' object")
-    shards = sorted(set(weight_map.values()))
-  elif os.path.isfile(single):
-    weight_map, shards = None, [name]
-  else:
+    return read_sharded(index)
+  if not os.path.isfile(single):
     bins = [f for f in os.listdir(folder) if f.endswith(".bin")]
     hint = (f" (found {bins[0]}: PyTorch pickles need torch; re-save the model with "
             "safe_serialization=True)") if bins else ""
     raise ConversionError(f"{single}: file not found, and no {name}.index.json{hint}")
-  tensors, files = {}, {}
-  for shard in shards:
-    path = os.path.join(folder, shard)
-    for key, value in read_safetensors_file(path).items():
-      tensors[key], files[key] = value, path
-  if weight_map is not None:
-    missing = sorted(set(weight_map) - set(tensors))
-    if missing:
-      raise ConversionError(f"{index}: tensors listed but not found in the shards: {missing[:5]}")
-  return tensors, files
+  tensors = read_safetensors_file(single)
+  return tensors, dict.fromkeys(tensors, single)
 
 
 def _subfolder(folder: str, part: str) -> str:
@@ -418,7 +388,6 @@ def read_stable_diffusion(src: str, variant: str | None = None) -> dict:
 
 def flatten_params(params: Mapping[str, Mapping]) -> dict[str, np.ndarray]:
   """``{"unet": tree, "vae": tree}`` -> ``{"unet/down_blocks_0/.../kernel": array}``."""
-  from flax.traverse_util import flatten_dict
   flat = {}
   for part in PARTS:
     for path, value in flatten_dict(dict(params[part])).items():
@@ -428,7 +397,6 @@ def flatten_params(params: Mapping[str, Mapping]) -> dict[str, np.ndarray]:
 
 def unflatten_params(flat: Mapping[str, np.ndarray], config: Mapping, source: str) -> dict:
   """``flatten_params``'s inverse, checked against the models of ``config``."""
-  from flax.traverse_util import unflatten_dict
   out, known = {}, set()
   for part in PARTS:
     tree = {}
@@ -450,10 +418,7 @@ def unflatten_params(flat: Mapping[str, np.ndarray], config: Mapping, source: st
 
 def write_converted_visualizer(dst: str, model: Mapping) -> None:
   """Writes ``dst/config.json`` and ``dst/model.safetensors`` for ``read_stable_diffusion``'s dict."""
-  os.makedirs(dst, exist_ok=True)
-  write_json(os.path.join(dst, "config.json"),
-               {"format": model_folder.FORMAT, "kind": KIND, "config": dict(model["config"])})
-  write_safetensors(os.path.join(dst, "model.safetensors"), flatten_params(model["params"]))
+  model_folder.write_converted(dst, model_folder.STABLE_DIFFUSION, model["config"], flatten_params(model["params"]))
 
 
 def read_converted_visualizer(folder: str) -> dict:
@@ -462,7 +427,7 @@ def read_converted_visualizer(folder: str) -> dict:
     raise ConversionError(f"{folder}: no such folder (expected one written by "
                           "`python -m metamorph.convert visualizer`)")
   cfg_path = os.path.join(folder, "config.json")
-  meta, flat = model_folder.read_converted(folder, KIND)
+  meta, flat = model_folder.read_converted(folder, model_folder.STABLE_DIFFUSION)
   config = meta["config"]
   for part in (*PARTS, "scheduler"):
     if not isinstance(config.get(part), dict):
@@ -486,5 +451,4 @@ def convert_visualizer(src: str, dst: str, variant: str | None = None) -> dict:
 
 def count_params(tree: Mapping) -> int:
   """The number of parameters in a nested parameter tree."""
-  from flax.traverse_util import flatten_dict
   return sum(int(np.prod(v.shape)) for v in flatten_dict(dict(tree)).values())

@@ -1,1 +1,1 @@
-"""Data: the synthetic shapes world and its oracle, conversation formatting, batching."""
+"""The generic data pipeline: records, images, conversation formatting, TFDS, grain, packing (no flax)."""

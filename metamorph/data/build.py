@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from metamorph.data.tfds_builder import build_dataset
+  from metamorph.data.tfds_builder import build_dataset  # slow import: tensorflow_datasets, after --help
   try:
     counts = build_dataset(args.name, args.splits, args.images, args.out, strict=args.strict,
                            version=args.version)

@@ -40,7 +40,7 @@ class TokenLayout:
     unk = tokenizer.unk_token_id
     if start is None or end is None or unk in (start, end):
       raise ValueError(f"the tokenizer has no {IMAGE_START}/{IMAGE_END} tokens; "
-                       "add them with metamorph.models.metamorph.add_image_tokens")
+                       "add them with metamorph.models.vocab.add_image_tokens")
     slot = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return cls(start, end, num_visual_tokens, slot, frozenset(tokenizer.all_special_ids) | {start, end})
 

@@ -55,7 +55,7 @@ def _weighted(sources: Any) -> list[tuple[Any, float]]:
 
 def _shard_defaults(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   if shard_index is None or shard_count is None:
-    import jax  # only when the caller relies on the process defaults
+    import jax  # slow import: jax, only when the caller relies on the process defaults
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:

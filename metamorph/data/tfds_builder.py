@@ -156,8 +156,7 @@ def open_source(data_dir: str, name: str, split: str, version: str | None = None
   if split not in builder.info.splits:
     raise ValueError(f"{path} has no split {split!r} (it has {', '.join(sorted(builder.info.splits))}); "
                      "build the dataset with that split or choose another (config.data.train_split / "
-                     "eval_split; the shapes world writes 'captions' and 'language' unless --captions-n 0 or "
-                     "--language-n 0)")
+                     "eval_split)")
   return builder.as_data_source(split)
 
 

@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from metamorph.layers.attention import Attention, KVSlots
+from metamorph.layers.dense import dense, dtypes
+from metamorph.layers.mlp import GatedMlp
+from metamorph.layers.norms import RMSNorm
 from metamorph.models.config import ModelConfig
 from metamorph.sharding import constrain, logical_init
-
-_NEG_INF = -1e30  # finite, so fully masked (padding) rows stay NaN-free
 
 # LlamaConfig.remat -> what jax.checkpoint may keep from a decoder layer's forward pass
 # ("full": nothing but the layer's inputs; "dots": also matmul outputs without batch dims).
@@ -131,115 +133,47 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 # ----------------------------------------------------------------------------- layers
 
-class RMSNorm(nnx.Module):
-  """``x / rms(x) * scale``, normalised in float32 like transformers' LlamaRMSNorm."""
-
-  def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
-    self.eps, self.dtype = eps, dtype
-    self.scale = nnx.Param(logical_init(nnx.initializers.ones, "norm")(None, (dim,), param_dtype))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return xf.astype(self.dtype) * self.scale[...].astype(self.dtype)
-
-
-def _dense(in_shape, out_shape, names, *, bias: bool, config: LlamaConfig, rngs: nnx.Rngs,
-           axis=-1) -> nnx.LinearGeneral:
-  """LinearGeneral whose kernel (and bias) carry logical axis names."""
-  out_names = names[-len(out_shape):] if isinstance(out_shape, tuple) else names[-1:]
-  return nnx.LinearGeneral(
-      in_shape, out_shape, axis=axis, use_bias=bias,
-      dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
-      kernel_init=logical_init(nnx.initializers.normal(config.initializer_range), *names),
-      bias_init=logical_init(nnx.initializers.zeros, *out_names), rngs=rngs)
-
-
 def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_slots: jax.Array,
                    k_slots: jax.Array) -> jax.Array:
-  """[B, 1, 1, T, S] bool: same non-zero segment and key slot <= query slot."""
+  """[B, T, S] bool: same non-zero segment and key slot <= query slot."""
   same = (q_segments[:, :, None] == k_segments[:, None, :]) & (q_segments[:, :, None] != 0)
   causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
-  return (same & causal[None])[:, None, None]
+  return same & causal[None]
 
 
-class Attention(nnx.Module):
-  """Grouped-query self-attention with RoPE and an optional KV cache."""
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attention(input_norm(x)) with RoPE, then x + mlp(post_attention_norm(x))."""
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = c
-    self.num_heads, self.num_kv_heads = c.num_heads, c.num_kv_heads
-    kw = dict(bias=c.attention_bias, config=c, rngs=rngs)
-    self.q_proj = _dense(c.hidden_size, (c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), **kw)
-    self.k_proj = _dense(c.hidden_size, (c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), **kw)
-    self.v_proj = _dense(c.hidden_size, (c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), **kw)
-    self.o_proj = _dense((c.num_heads, c.head_dim), c.hidden_size, ("heads", "head_dim", "embed"),
-                         axis=(-2, -1), **kw)
+    init = nnx.initializers.normal(c.initializer_range)
+    self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **dtypes(c))
+    self.attention = Attention(c.hidden_size, c.num_heads, c.head_dim, num_kv_heads=c.num_kv_heads,
+                               use_bias=c.attention_bias, kernel_init=init, rngs=rngs, **dtypes(c))
+    self.post_attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **dtypes(c))
+    self.mlp = GatedMlp(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, kernel_init=init,
+                        rngs=rngs, **dtypes(c))
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None):
-    """x [B, T, D] -> ([B, T, D], updated (k, v) cache or None).
+    """x [B, T, D] -> ([B, T, D], updated (keys, values) or None).
 
-    ``cache`` is (keys [B, S, KVH, Dh], values, slot segment ids [B, S] already
-    holding this step's ids, write index []).
+    ``cache`` is (keys [B, S, KVH, Dh], values, slot segment ids [B, S] already holding
+    this step's ids, write index []).
     """
     inv_freq = rope_inv_freq(self.config)
-    q = constrain(apply_rope(self.q_proj(x), positions, inv_freq), "batch", "length", "act_heads", None)
-    k = apply_rope(self.k_proj(x), positions, inv_freq)  # [B, T, KVH, Dh]
-    v = self.v_proj(x)
-    t = x.shape[1]
+    rotate = lambda h: apply_rope(h, positions, inv_freq)
+    h = self.input_norm(x)
     if cache is None:
-      k_segments, q_slots = segment_ids, jnp.arange(t)
-      new_kv = None
+      mask = attention_mask(segment_ids, segment_ids, jnp.arange(x.shape[1]), jnp.arange(x.shape[1]))
+      h, new_kv = self.attention(h, mask=mask, rotate=rotate), None
     else:
-      k_cache, v_cache, k_segments, index = cache
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-      q_slots, new_kv = index + jnp.arange(t), (k, v)
-    mask = attention_mask(segment_ids, k_segments, q_slots, jnp.arange(k.shape[1]))
-    out = self._attend(q, k, v, mask)
-    return self.o_proj(out), new_kv
-
-  def _attend(self, q, k, v, mask):
-    """q [B, T, H, Dh], k/v [B, S, KVH, Dh], mask [B, 1, 1, T, S] -> [B, T, H, Dh]."""
-    b, t, _, d = q.shape
-    groups = self.num_heads // self.num_kv_heads
-    q = q.reshape(b, t, self.num_kv_heads, groups, d)  # head h = kv * groups + g
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(d)
-    scores = jnp.where(mask, scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
-    return out.reshape(b, t, self.num_heads, d)
-
-
-class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-    c = config
-    kw = dict(bias=c.mlp_bias, config=c, rngs=rngs)
-    self.gate_proj = _dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
-    self.up_proj = _dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
-    self.down_proj = _dense(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-    return self.down_proj(constrain(h, "batch", "length", "act_mlp"))
-
-
-class DecoderLayer(nnx.Module):
-
-  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-    dtypes = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
-    self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **dtypes)
-    self.attention = Attention(config, rngs=rngs)
-    self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **dtypes)
-    self.mlp = MLP(config, rngs=rngs)
-
-  def __call__(self, x, positions, segment_ids, cache=None):
-    h, new_kv = self.attention(self.input_norm(x), positions, segment_ids, cache)
+      keys, values, slot_segments, index = cache
+      mask = attention_mask(segment_ids, slot_segments, index + jnp.arange(x.shape[1]),
+                            jnp.arange(keys.shape[1]))
+      h, slots = self.attention.extend(h, KVSlots(keys, values, index), mask, rotate=rotate)
+      new_kv = (slots.keys, slots.values)
     x = x + h
     x = x + self.mlp(self.post_attention_norm(x))
     return constrain(x, "batch", "length", "act_embed"), new_kv
@@ -270,11 +204,11 @@ class Llama(nnx.Module):
         embedding_init=logical_init(nnx.initializers.normal(config.initializer_range), "vocab", "embed"),
         rngs=rngs)
     self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
-    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=self.dtype,
-                        param_dtype=jnp.dtype(config.param_dtype))
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **dtypes(config))
     if not config.tie_word_embeddings:
-      self.lm_head = _dense(config.hidden_size, config.vocab_size, ("embed", "vocab"),
-                            bias=False, config=config, rngs=rngs)
+      self.lm_head = dense(config.hidden_size, config.vocab_size, ("embed", "vocab"), use_bias=False,
+                           kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs,
+                           **dtypes(config))
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """[B, T] int -> [B, T, D] in the compute dtype."""

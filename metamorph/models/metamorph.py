@@ -1,7 +1,7 @@
 """The unified MetaMorph model: an LLM that reads and predicts SigLIP visual tokens.
 
 Inputs interleave text tokens and visual slots. A slot's embedding is the input
-projector (mlp2x_gelu) applied to its visual token (with ``slot_embeddings``, plus a
+projector (the input interface ``image_interface``, mlp2x_gelu by default) applied to its visual token (with ``slot_embeddings``, plus a
 learned vector for the token's index in its image); the vision head maps the
 last hidden state to an L2-normalised visual token. The VPiT loss is
 cross-entropy on response text plus ``vision_coef`` x (-cosine) between the
@@ -24,16 +24,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from metamorph.params import build_module, module_params
+from metamorph.layers.dense import dtypes, table
+from metamorph.layers.mlp import Mlp
+from metamorph.models.config import ModelConfig
+from metamorph.models.interfaces import build_interface, check_interface
 from metamorph.models.llama import Llama, LlamaConfig
 from metamorph.models.siglip import SiglipVisionConfig, SiglipVisionTower, l2_normalize, visual_tokens
-from metamorph.models.config import ModelConfig
-from metamorph.sharding import constrain, logical_init
-from metamorph.tokens import IGNORE, IMAGE_END, IMAGE_START
-
+from metamorph.sharding import constrain
+from metamorph.tokens import IGNORE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,7 @@ class MetaMorphConfig(ModelConfig):
   image_start_id: int = -1      # token ids set by ``add_image_tokens``
   image_end_id: int = -1
   vision: SiglipVisionConfig | None = None  # the (frozen) encoder; None: tokens come from outside
+  image_interface: str = "mlp2x_gelu"  # visual tokens -> LLM embeddings (``interfaces.INTERFACES``)
 
   def __post_init__(self):
     if isinstance(self.llm, dict):
@@ -62,24 +63,7 @@ class MetaMorphConfig(ModelConfig):
                        f"{self.vision_dim} and {self.num_visual_tokens}")
     if self.vision_coef < 0:
       raise ValueError(f"vision_coef must be >= 0, got {self.vision_coef}")
-
-
-
-
-class TwoLayerMLP(nnx.Module):
-  """Linear -> GELU (exact) -> Linear, with logical axis names (in, 'mlp', out)."""
-
-  def __init__(self, d_in: int, d_hidden: int, d_out: int, names: tuple[str, str], *,
-               dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    init = nnx.initializers.lecun_normal()
-    self.fc1 = nnx.Linear(d_in, d_hidden, kernel_init=logical_init(init, names[0], "mlp"),
-                          bias_init=logical_init(nnx.initializers.zeros, "mlp"), **kw)
-    self.fc2 = nnx.Linear(d_hidden, d_out, kernel_init=logical_init(init, "mlp", names[1]),
-                          bias_init=logical_init(nnx.initializers.zeros, names[1]), **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    check_interface(self.image_interface)
 
 
 class MetaMorph(nnx.Module):
@@ -93,20 +77,21 @@ class MetaMorph(nnx.Module):
       raise ValueError("the given vision tower's config differs from config.vision")
     self.config = config
     c = config.llm
-    dtypes = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    kw = dict(rngs=rngs, **dtypes(c))
     self.llm = llm if llm is not None else Llama(c, rngs=rngs)
     if config.vision is not None:
       self.vision = vision if vision is not None else SiglipVisionTower(config.vision, rngs=rngs)
     else:
       self.vision = None
-    self.projector = TwoLayerMLP(config.vision_dim, c.hidden_size, c.hidden_size,
-                                 ("vis_embed", "embed"), rngs=rngs, **dtypes)
+    self.projector = build_interface(config.image_interface, config.vision_dim, c.hidden_size, **kw)
+    if not self.projector.tokenwise:
+      raise ValueError(f"MetaMorph feeds visual tokens to the LLM one per position; the input interface "
+                       f"{config.image_interface!r} is not token-wise")
     if config.slot_embeddings:  # under projector/: trains wherever the projector does
-      init = logical_init(nnx.initializers.zeros, None, "embed")
-      self.projector.slots = nnx.Param(init(rngs.params(), (config.num_visual_tokens, c.hidden_size),
-                                            dtypes["param_dtype"]))  # [m, H]
-    self.vision_head = TwoLayerMLP(c.hidden_size, c.hidden_size, config.vision_dim,
-                                   ("embed", "vis_embed"), rngs=rngs, **dtypes)
+      self.projector.slots = table((config.num_visual_tokens, c.hidden_size), (None, "embed"),
+                                   nnx.initializers.zeros, param_dtype=c.param_dtype, rngs=rngs)  # [m, H]
+    # Linear(H -> H), GELU, Linear(H -> Dv)
+    self.vision_head = Mlp(c.hidden_size, c.hidden_size, config.vision_dim, axes=("embed", "vis_embed"), **kw)
 
   def encode_images(self, images: jax.Array) -> jax.Array:
     """images [..., H, W, 3] in [-1, 1] -> visual tokens [..., m, Dv] (float32, unit norm)."""
@@ -184,31 +169,3 @@ def vpit_loss(logits: jax.Array, predicted: jax.Array, batch: dict[str, jax.Arra
   total = loss_text + vision_coef * loss_vision
   return total, {"loss_text": loss_text, "loss_vision": loss_vision,
                  "text_tokens": text_mask.sum(), "visual_targets": vis_mask.sum()}
-
-
-# ----------------------------------------------------------------------------- tokens
-
-def resize_vocab(llm: Llama, vocab_size: int) -> Llama:
-  """A copy of ``llm`` with ``vocab_size`` rows; new embedding (and untied LM-head)
-  rows are the mean of the existing ones."""
-  old = llm.config.vocab_size
-  if vocab_size < old:
-    raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
-  params = module_params(llm)
-  extra = vocab_size - old
-  table = params["embed_tokens/embedding"]  # [V, D]
-  params["embed_tokens/embedding"] = np.concatenate([table, np.repeat(table.mean(0, keepdims=True), extra, 0)])
-  if "lm_head/kernel" in params:
-    head = params["lm_head/kernel"]  # [D, V]
-    params["lm_head/kernel"] = np.concatenate([head, np.repeat(head.mean(1, keepdims=True), extra, 1)], 1)
-  config = llm.config.replace(vocab_size=vocab_size)
-  return build_module(lambda: Llama(config, rngs=nnx.Rngs(0)), params, "resize_vocab")
-
-
-def add_image_tokens(llm: Llama, tokenizer) -> tuple[Llama, int, int]:
-  """Adds ``<image_start>``/``<image_end>`` to ``tokenizer`` (in place) and returns
-  (llm resized to the tokenizer, image_start_id, image_end_id)."""
-  tokenizer.add_tokens([IMAGE_START, IMAGE_END], special_tokens=True)  # no-op if present
-  start, end = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
-  vocab = max(len(tokenizer), llm.config.vocab_size)
-  return (resize_vocab(llm, vocab) if vocab > llm.config.vocab_size else llm), start, end

@@ -14,9 +14,8 @@ align_corners=False)`` does it (no antialiasing), then L2-normalised per token.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -24,16 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from metamorph.layers.attention import VIT_NAMES, Attention
+from metamorph.layers.dense import conv, dense, dtypes, table
+from metamorph.layers.mlp import ACTIVATIONS, Mlp
+from metamorph.layers.norms import layer_norm
 from metamorph.models.config import ModelConfig
 from metamorph.sharding import constrain, logical_init
-
-_NEG_INF = -1e30  # finite, so a fully masked row stays NaN-free
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-}
 
 # ----------------------------------------------------------------------------- configs
 
@@ -182,73 +177,28 @@ class SiglipConfig:
 # ----------------------------------------------------------------------------- layers
 
 
-def _dtypes(config: _EncoderConfig) -> dict[str, Any]:
-  return dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
-
-
-def _dense(in_shape, out_shape, names: tuple[str | None, ...], config: _EncoderConfig,
-           rngs: nnx.Rngs, *, axis=-1, bias_init=nnx.initializers.zeros) -> nnx.LinearGeneral:
-  """LinearGeneral (xavier-uniform kernel, as big_vision) with logical axis names."""
-  n_out = len(out_shape) if isinstance(out_shape, tuple) else 1
-  return nnx.LinearGeneral(
-      in_shape, out_shape, axis=axis, **_dtypes(config),
-      kernel_init=logical_init(nnx.initializers.xavier_uniform(), *names),
-      bias_init=logical_init(bias_init, *names[-n_out:]), rngs=rngs)
-
-
 def _layer_norm(config: _EncoderConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """LayerNorm. nnx computes mean/variance in float32 and normalises in float32
-  (the float32 statistics promote the arithmetic), then casts to ``dtype``."""
-  return nnx.LayerNorm(
-      config.hidden_size, epsilon=config.layer_norm_eps, **_dtypes(config),
-      scale_init=logical_init(nnx.initializers.ones, "norm"),
-      bias_init=logical_init(nnx.initializers.zeros, "norm"), rngs=rngs)
+  return layer_norm(config.hidden_size, config.layer_norm_eps, rngs=rngs, **dtypes(config))
 
 
 def _embedding_param(rows: int, config: _EncoderConfig, rngs: nnx.Rngs) -> nnx.Param:
   """A learned position table [rows, D], normal(1/sqrt(D)) as transformers inits it."""
-  init = logical_init(nnx.initializers.normal(config.hidden_size ** -0.5), "positions", "embed")
-  return nnx.Param(init(rngs.params(), (rows, config.hidden_size), jnp.dtype(config.param_dtype)))
+  return table((rows, config.hidden_size), ("positions", "embed"), nnx.initializers.normal(config.hidden_size ** -0.5),
+               param_dtype=config.param_dtype, rngs=rngs)
 
 
-class MultiHeadAttention(nnx.Module):
-  """Multi-head attention with biases; queries and keys/values may differ (MAP head)."""
-
-  def __init__(self, config: _EncoderConfig, *, rngs: nnx.Rngs):
-    d, h, dh = config.hidden_size, config.num_attention_heads, config.head_dim
-    self.query = _dense(d, (h, dh), ("embed", "heads", "head_dim"), config, rngs)
-    self.key = _dense(d, (h, dh), ("embed", "heads", "head_dim"), config, rngs)
-    self.value = _dense(d, (h, dh), ("embed", "heads", "head_dim"), config, rngs)
-    self.out = _dense((h, dh), d, ("heads", "head_dim", "embed"), config, rngs, axis=(-2, -1))
-
-  def __call__(self, x_q: jax.Array, x_kv: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """x_q [B, T, D], x_kv [B, S, D], mask bool broadcastable to [B, T, S] (True = attend)
-    -> [B, T, D]."""
-    q = constrain(self.query(x_q), "batch", "length", "act_heads", None)  # [B, T, H, Dh]
-    k = constrain(self.key(x_kv), "batch", "length", "act_heads", None)   # [B, S, H, Dh]
-    v = constrain(self.value(x_kv), "batch", "length", "act_heads", None)
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(q.shape[-1])  # [B, H, T, S] float32
-    if mask is not None:
-      scores = jnp.where(jnp.asarray(mask)[..., None, :, :], scores, _NEG_INF)  # over heads
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return self.out(jnp.einsum("bhts,bshd->bthd", probs, v))
+def _attention(config: _EncoderConfig, rngs: nnx.Rngs) -> Attention:
+  """Multi-head attention with biases (xavier-uniform kernels); queries and keys/values may
+  come from different inputs (the MAP head)."""
+  return Attention(config.hidden_size, config.num_attention_heads, config.head_dim, names=VIT_NAMES,
+                   rngs=rngs, **dtypes(config))
 
 
-class Mlp(nnx.Module):
-  """fc2(act(fc1(x))); biases init normal(1e-6) as big_vision."""
-
-  def __init__(self, config: _EncoderConfig, *, rngs: nnx.Rngs):
-    d, f = config.hidden_size, config.intermediate_size
-    bias_init = nnx.initializers.normal(1e-6)
-    self.act = ACTIVATIONS[config.hidden_act]
-    self.fc1 = _dense(d, f, ("embed", "mlp"), config, rngs, bias_init=bias_init)
-    self.fc2 = _dense(f, d, ("mlp", "embed"), config, rngs, bias_init=bias_init)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, T, D] -> [B, T, D]."""
-    h = constrain(self.act(self.fc1(x)), "batch", "length", "act_mlp")  # [B, T, F]
-    return self.fc2(h)
+def _mlp(config: _EncoderConfig, rngs: nnx.Rngs) -> Mlp:
+  """fc2(act(fc1(x))), xavier-uniform kernels, biases init normal(1e-6) as big_vision."""
+  return Mlp(config.hidden_size, config.intermediate_size, config.hidden_size, act=ACTIVATIONS[config.hidden_act],
+             hidden_axes=("batch", "length", "act_mlp"), kernel_init=nnx.initializers.xavier_uniform(),
+             bias_init=nnx.initializers.normal(1e-6), rngs=rngs, **dtypes(config))
 
 
 class EncoderLayer(nnx.Module):
@@ -256,12 +206,12 @@ class EncoderLayer(nnx.Module):
 
   def __init__(self, config: _EncoderConfig, *, rngs: nnx.Rngs):
     self.ln1 = _layer_norm(config, rngs)
-    self.attn = MultiHeadAttention(config, rngs=rngs)
+    self.attn = _attention(config, rngs)
     self.ln2 = _layer_norm(config, rngs)
-    self.mlp = Mlp(config, rngs=rngs)
+    self.mlp = _mlp(config, rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """x [B, T, D], mask as ``MultiHeadAttention``'s -> [B, T, D]."""
+    """x [B, T, D], mask bool broadcastable to [B, T, S] (True = attend) -> [B, T, D]."""
     h = self.ln1(x)
     x = x + self.attn(h, h, mask)
     x = x + self.mlp(self.ln2(x))
@@ -276,7 +226,7 @@ class Encoder(nnx.Module):
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
                return_hidden_states: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
-    """x [B, T, D], mask as ``MultiHeadAttention``'s -> (last layer output [B, T, D],
+    """x [B, T, D], mask as ``EncoderLayer``'s -> (last layer output [B, T, D],
     (x, layer 1, ..., layer L) or None)."""
     states = [x]
     for layer in self.layers:
@@ -290,11 +240,11 @@ class MapHead(nnx.Module):
   ``h + mlp(ln(h))`` (transformers' ``SiglipMultiheadAttentionPoolingHead``)."""
 
   def __init__(self, config: SiglipVisionConfig, *, rngs: nnx.Rngs):
-    init = logical_init(nnx.initializers.xavier_uniform(), None, None, "embed")
-    self.probe = nnx.Param(init(rngs.params(), (1, 1, config.hidden_size), jnp.dtype(config.param_dtype)))
-    self.attn = MultiHeadAttention(config, rngs=rngs)
+    self.probe = table((1, 1, config.hidden_size), (None, None, "embed"), nnx.initializers.xavier_uniform(),
+                       param_dtype=config.param_dtype, rngs=rngs)
+    self.attn = _attention(config, rngs)
     self.ln = _layer_norm(config, rngs)
-    self.mlp = Mlp(config, rngs=rngs)
+    self.mlp = _mlp(config, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, N, D] -> [B, D]."""
@@ -327,11 +277,8 @@ class SiglipVisionTower(nnx.Module):
     c = config
     self.config = c
     self.dtype = jnp.dtype(c.dtype)
-    self.patch_embed = nnx.Conv(
-        c.num_channels, c.hidden_size, kernel_size=(c.patch_size,) * 2, strides=(c.patch_size,) * 2,
-        padding="VALID", **_dtypes(c),
-        kernel_init=logical_init(nnx.initializers.lecun_normal(), "patch", "patch", "channels", "embed"),
-        bias_init=logical_init(nnx.initializers.zeros, "embed"), rngs=rngs)
+    self.patch_embed = conv(c.num_channels, c.hidden_size, (c.patch_size,) * 2, ("patch", "patch", "channels", "embed"),
+                            strides=(c.patch_size,) * 2, padding="VALID", rngs=rngs, **dtypes(c))
     self.pos_embed = _embedding_param(c.num_patches, c, rngs)  # [N, D]
     self.encoder = Encoder(c, rngs=rngs)
     self.post_ln = _layer_norm(c, rngs)
@@ -371,14 +318,15 @@ class SiglipTextTower(nnx.Module):
     self.config = c
     self.dtype = jnp.dtype(c.dtype)
     self.token_embed = nnx.Embed(
-        c.vocab_size, c.hidden_size, **_dtypes(c),
+        c.vocab_size, c.hidden_size, **dtypes(c),
         embedding_init=logical_init(nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
                                     "vocab", "embed"), rngs=rngs)
     self.pos_embed = _embedding_param(c.max_position_embeddings, c, rngs)  # [P, D]
     self.encoder = Encoder(c, rngs=rngs)
     self.final_ln = _layer_norm(c, rngs)
     # No logical name for the projection width; it stays replicated.
-    self.head = _dense(c.hidden_size, c.projection_size, ("embed", None), c, rngs)
+    self.head = dense(c.hidden_size, c.projection_size, ("embed", None),
+                      kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs, **dtypes(c))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                return_hidden_states: bool = False) -> SiglipTextOutput:
@@ -439,9 +387,9 @@ class Siglip(nnx.Module):
     self.vision = SiglipVisionTower(config.vision, rngs=rngs)
     self.text = SiglipTextTower(config.text, rngs=rngs)
     param_dtype = jnp.dtype(config.vision.param_dtype)
-    init = lambda v: logical_init(nnx.initializers.constant(v), None)(None, (1,), param_dtype)
-    self.logit_scale = nnx.Param(init(math.log(10.0)))  # [1]
-    self.logit_bias = nnx.Param(init(-10.0))            # [1]
+    init = lambda v: table((1,), (None,), nnx.initializers.constant(v), param_dtype=param_dtype)
+    self.logit_scale = init(math.log(10.0))  # [1]
+    self.logit_bias = init(-10.0)            # [1]
 
   def __call__(self, images: jax.Array, input_ids: jax.Array,
                attention_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:

@@ -2,7 +2,7 @@
 
 Vocabulary: the special tokens (``SPECIAL_TOKENS``, ``<pad>`` = 0), the newline,
 ASCII punctuation, the digits, the chat roles, and every word of
-``shapes_tasks.world_texts()`` (the generator's templates and phrase tables) in
+``phrases.world_texts()`` (the generators' templates and phrase tables) in
 lower-case and capitalised form: complete by construction, no sampling.
 
 Pre-tokenization: runs of spaces/tabs are dropped, then each newline, digit,
@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from metamorph.data import shapes_tasks
+from metamorph.shapes.phrases import world_texts
 from metamorph.tokens import IM_END, IM_START, IMAGE_END, IMAGE_START
 
 PAD, UNK = "<pad>", "<unk>"
@@ -29,9 +29,9 @@ ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 CHAT_TEMPLATE = (
   "{% for message in messages %}"
-  "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+  "{{ '" + IM_START + "' + message['role'] + '\n' + message['content'] + '" + IM_END + "' + '\n' }}"
   "{% endfor %}"
-  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+  "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\n' }}{% endif %}")
 
 _SPACES = r"[^\S\n]+"  # whitespace other than the newline
 _TOKEN = r"\n|[0-9]|[A-Za-z]+|[^\sA-Za-z0-9]"  # one token of the pre-tokenizer
@@ -56,7 +56,7 @@ def words_of(texts: Iterable[str]) -> set[str]:
 
 def vocabulary() -> list[str]:
   """Tokens in id order: specials, newline, punctuation, digits, then sorted words."""
-  words = words_of(shapes_tasks.world_texts()) | set(ROLES)
+  words = words_of(world_texts()) | set(ROLES)
   base = list(SPECIAL_TOKENS) + ["\n"] + list(string.punctuation) + list(string.digits)
   words = {v for w in words if w.isalpha() for v in (w.lower(), w.capitalize())} - set(base)
   return base + sorted(words)

@@ -4,8 +4,8 @@
 
 Each stage trains in its own workdir under ``config.workdir`` (``siglip``,
 ``visualizer``, ``language``, ``connector``, ``vpit``) and is resumable; finished stages and an
-up-to-date world are skipped on a rerun (``train.workflow``). The report
-(``report.md``, ``report.json``, PNGs) is written last, see ``train.report``.
+up-to-date world are skipped on a rerun (``train.demo.workflow``). The report
+(``report.md``, ``report.json``, PNGs) is written last, see ``train.demo.report``.
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train.demo import machine, report
+from train.demo.workflow import DEMO_STAGES, build_world, preset, timed, train_stage
+
 config_flags.DEFINE_config_file("config", "configs/demo.py", "demo config (configs/demo.py)", lock_config=True)
 FLAGS = flags.FLAGS
 
@@ -24,21 +27,19 @@ FLAGS = flags.FLAGS
 def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)
-  from train import machine, report
-  from train.workflow import STAGES, build_world, preset, timed, train_stage
   config = FLAGS.config
   root = config.workdir
   start = time.perf_counter()
   timings, reused = {}, []
   try:
     world = timed("world", functools.partial(build_world, config), root, timings, reused)
-    for stage in STAGES:
+    for stage in DEMO_STAGES:
       timed(stage, functools.partial(train_stage, config, stage), root, timings, reused)
     t = time.perf_counter()
     results = {"preset": config.preset,
                **report.evaluate(os.path.join(root, "vpit"), os.path.join(root, "world"), world,
                                  preset(config), root),
-               "loss_plot": report.plot_losses(root, STAGES, os.path.join(root, "losses.png"))}
+               "loss_plot": report.plot_losses(root, DEMO_STAGES, os.path.join(root, "losses.png"))}
     timings["evaluation"] = time.perf_counter() - t
   except (ValueError, RuntimeError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ def cpu_from_cpuinfo(text: str) -> tuple[str | None, str | None]:
 def info() -> dict[str, Any]:
   """CPU model, logical cores, widest vector instruction set (None where unknown), JAX
   version, backend and device count."""
-  import jax
+  import jax  # slow import: jax (about 2 s), for its version and devices only
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       cpu, isa = cpu_from_cpuinfo(f.read())

@@ -1,5 +1,5 @@
 """The demo's building blocks: the shapes world and the five stages of configs/toy.py,
-each in its own resumable workdir (used by ``train.demo`` and ``train.experiments``).
+each in its own resumable workdir (used by ``train.demo`` and ``train.demo.experiments``).
 
 A stage that finished (``STAGE/done.json`` records its steps, config, the settings of the
 world it trained on and ``code_version``) is skipped on a rerun with the same config and
@@ -24,11 +24,19 @@ import ml_collections
 from flax.traverse_util import flatten_dict
 
 from metamorph.files import read_json, write_json
+from metamorph.shapes.mix import resolve_mix
+from metamorph.shapes.scene import DEFAULT_SIZE, normalize_holdout
+from metamorph.shapes.world import WORLD_FILE, write_world
+from train import stages
+from train.defaults import base_config
 
-STAGES = ("siglip", "visualizer", "language", "connector", "vpit")  # in training order
-SHARED_STAGES = ("siglip", "visualizer", "language")  # what train.experiments runs share
+# The demo's stages in training order (names of the stage registry, train.stages); each trains
+# in WORKDIR/STAGE.
+DEMO_STAGES = ("siglip", "visualizer", "language", "connector", "vpit")
+SHARED_STAGES = ("siglip", "visualizer", "language")  # what train.demo.experiments runs share
+_DEFAULTS = json.loads(base_config().to_json())  # what a field absent from an older record held
 DONE_FILE = "done.json"  # what a finished stage (or the world: seconds and code) recorded
-SOURCE_ROOTS = (os.path.dirname(os.path.abspath(__file__)),  # train/, and metamorph/ (not imported here)
+SOURCE_ROOTS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # train/, and metamorph/
                 os.path.abspath(importlib.util.find_spec("metamorph").submodule_search_locations[0]))
 
 
@@ -70,9 +78,9 @@ def load_config_file(path: str, stage: str) -> ml_collections.ConfigDict:
 
 def stage_config(config: ml_collections.ConfigDict, stage: str, root: str | None = None,
                  shared: str | None = None) -> ml_collections.ConfigDict:
-  """configs/toy.py's config for ``stage``, pointed at the world and earlier stages under
-  ``root`` (default ``config.workdir``); the ``SHARED_STAGES`` under ``shared`` (default
-  ``root``)."""
+  """configs/toy.py's config for ``stage``, pointed at the world and at the earlier runs it
+  starts from (``train.stages``) under ``root`` (default ``config.workdir``); the
+  ``SHARED_STAGES`` under ``shared`` (default ``root``)."""
   p = preset(config)
   root = root or config.workdir
   shared = shared or root
@@ -84,16 +92,13 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, root: str | None
   c.train.checkpoint_every = max(1, min(c.train.checkpoint_every, c.train.steps))
   c.train.log_every = max(1, min(c.train.log_every, c.train.steps))
   c.train.eval_every = 0
-  if stage != "siglip":
-    c.model.siglip_init = os.path.join(shared, "siglip")
-  if stage == "visualizer":
+  for start in stages.get(stage).starts_from:
+    if start.required or p[f"{start.stage}_steps"]:  # no language stage: the connector starts afresh
+      *parents, name = start.field.split(".")
+      folder = shared if start.stage in SHARED_STAGES else root
+      setattr(functools.reduce(getattr, parents, c), name, os.path.join(folder, start.stage))
+  if stages.get(stage).sample:  # one sheet of samples, at the end
     c.train.sample_every = c.train.steps
-  if stage in ("connector", "vpit"):
-    c.model.visualizer_from = os.path.join(shared, "visualizer")
-  if stage == "connector":  # from the language stage's LLM, else from a random one
-    c.init_from = os.path.join(shared, "language") if p.language_steps else ""
-  if stage == "vpit":
-    c.init_from = os.path.join(root, "connector")
   return c
 
 
@@ -102,16 +107,15 @@ def build_world(config: ml_collections.ConfigDict, root: str | None = None, task
   """The shapes world under ``ROOT/world`` (default root ``config.workdir``, task mix
   ``config.tasks``; the ``captions`` and ``language`` splits of the SigLIP and language
   stages unless ``shared_splits`` is False), unless one with the same settings is there."""
-  from metamorph.data import shapes, shapes_tasks
   p, out = preset(config), os.path.join(root or config.workdir, "world")
-  size = shapes.DEFAULT_SIZE
+  size = DEFAULT_SIZE
   tasks = config.tasks if tasks is None else tasks
-  holdout = shapes_tasks.normalize_holdout([s for s in config.holdout.split(",") if s.strip()])
+  holdout = normalize_holdout([s for s in config.holdout.split(",") if s.strip()])
   captions_n, language_n = (p.captions, p.language) if shared_splits else (0, 0)
   want = {"n": p.world, "val_n": p.validation, "captions_n": captions_n, "language_n": language_n,
           "seed": config.seed, "image_size": size, "holdout": [f"{c}:{s}" for c, s in holdout],
-          "tasks": shapes_tasks.resolve_mix(tasks or None)}
-  path = os.path.join(out, shapes.WORLD_FILE)
+          "tasks": resolve_mix(tasks or None)}
+  path = os.path.join(out, WORLD_FILE)
   if os.path.isfile(path):
     world = read_json(path)
     if world.get("args") == want:
@@ -123,8 +127,8 @@ def build_world(config: ml_collections.ConfigDict, root: str | None = None, task
   print(f"world: building {p.world} + {p.validation} records (+ {captions_n} captions, "
         f"{language_n} text-only) in {out}")
   start = time.perf_counter()
-  world = shapes.build_world(out, p.world, config.seed, holdout, size, p.validation, tasks or None,
-                             captions_n=captions_n, language_n=language_n)
+  world = write_world(out, p.world, config.seed, holdout, size, p.validation, tasks or None,
+                      captions_n=captions_n, language_n=language_n)
   write_json(os.path.join(out, DONE_FILE), {"seconds": time.perf_counter() - start, "code": code_version()})
   return world
 
@@ -135,17 +139,18 @@ def done_record(workdir: str) -> dict | None:
   return read_json(path) if os.path.isfile(path) else None
 
 
-def _changed(old: dict, new: dict) -> list[str]:
-  """The dotted config fields whose values differ between two JSON config dicts."""
+def _changed(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+  """The dotted config fields whose values differ between two JSON config dicts; a field
+  missing from ``old`` (a record of an earlier version) counts as its value in ``defaults``."""
   a, b = flatten_dict(old, sep="."), flatten_dict(new, sep=".")
-  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  d = flatten_dict(defaults or {}, sep=".")
+  return sorted(k for k in set(a) | set(b) if a.get(k, d.get(k)) != b.get(k))
 
 
 def _world_settings(root: str) -> dict | None:
   """The settings that make the training splits of the world under ``root`` (all of
   ``world.json``'s args but the validation size); None when there is no world."""
-  from metamorph.data import shapes
-  path = os.path.join(root, "world", shapes.WORLD_FILE)
+  path = os.path.join(root, "world", WORLD_FILE)
   if not os.path.isfile(path):
     return None
   return {k: v for k, v in read_json(path).get("args", {}).items() if k != "val_n"}
@@ -156,7 +161,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None 
   """Trains one stage in ``ROOT/STAGE`` (resuming, or skipping it when done or when the
   preset gives it 0 steps); returns its done record. ``root`` and ``shared`` as in
   ``stage_config``."""
-  from train.trainer import run
+  from train.trainer import run  # slow import: jax, flax, orbax, grain (about 3 s), only to train
   workdir = os.path.join(root or config.workdir, stage)
   c = stage_config(config, stage, root, shared)
   if c.train.steps == 0:
@@ -166,7 +171,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None 
   done = done_record(workdir)
   if done is not None:
     world_changed = _changed(done["world"], world) if done.get("world") and world else []  # older records: none
-    for what, changed in (("with another config", _changed(done.get("config", wanted), wanted)),
+    for what, changed in (("with another config", _changed(done.get("config", wanted), wanted, _DEFAULTS)),
                           ("on a world built with other settings", world_changed)):
       if changed:
         raise ValueError(f"{workdir} finished {what} (changed: {', '.join(changed[:8])}); delete {workdir} "

@@ -1,6 +1,6 @@
 """The method's data-mix finding at toy scale: does understanding data help generation?
 
-``python -m train.experiments.data_mix [--config configs/demo.py] [--config.preset=quick]``
+``python -m train.demo.experiments.data_mix [--config configs/demo.py] [--config.preset=quick]``
 
 The same connector + VPiT runs (configs/toy.py, the preset's steps) on three worlds
 that differ only in their task mix; the SigLIP encoder, the visualizer and (when the
@@ -17,13 +17,17 @@ import json
 import os
 import sys
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from train.demo import report, workflow
+from train.demo.report import percent
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "demo config (configs/demo.py)", lock_config=True)
 FLAGS = flags.FLAGS
 
-# name -> (task mix of metamorph.data.shapes_tasks.resolve_mix, what it stands for)
+# name -> (task mix of metamorph.shapes.mix.resolve_mix, what it stands for)
 MIXES = {
   "generation_only": ("generation", "(a) generation data only"),
   "generation_understanding": ("generation,understanding", "(b) generation + understanding data"),
@@ -34,7 +38,6 @@ MIXES = {
 def run_mix(config, name: str, tasks: str, root: str, reference: dict) -> dict:
   """Trains the mix's world, connector and vpit; grades on the ``reference`` world (the
   demo's: the same validation records and prompts for every mix)."""
-  from train import report, workflow
   mix_root = os.path.join(root, "data_mix", name)
   world = workflow.build_world(config, mix_root, tasks, shared_splits=False)
   for stage in ("connector", "vpit"):
@@ -57,12 +60,9 @@ def _row(name: str, label: str, r: dict) -> dict:
 
 
 def write(rows: list[dict], out_dir: str) -> str:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import numpy as np
-
-  from train.report import _pct
+  """``results.md``, ``results.json`` and ``results.png`` of the mixes' rows in ``out_dir``;
+  returns the markdown's path."""
+  plt = report.pyplot()
   with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(rows, f, indent=2)
   lines = ["# Data mix at toy scale", "",
@@ -72,9 +72,9 @@ def write(rows: list[dict], out_dir: str) -> str:
   for r in rows:
     weights = ", ".join(f"{k} {v:.2f}" for k, v in r["tasks"].items())
     cos = [f"{r[k]:.3f}" if r[k] is not None else "n/a" for k in ("cosine_seen", "cosine_heldout")]
-    lines.append(f"| {r['label']} | {weights} | {_pct(r['t2i_seen'])} | {_pct(r['t2i_heldout'])} | "
-                 f"{cos[0]} | {cos[1]} | {_pct(r['colour_heldout'])} / {_pct(r['shape_heldout'])} | "
-                 f"{_pct(r['understanding'])} |")
+    lines.append(f"| {r['label']} | {weights} | {percent(r['t2i_seen'])} | {percent(r['t2i_heldout'])} | "
+                 f"{cos[0]} | {cos[1]} | {percent(r['colour_heldout'])} / {percent(r['shape_heldout'])} | "
+                 f"{percent(r['understanding'])} |")
   lines += ["", "![results](results.png)"]
   path = os.path.join(out_dir, "results.md")
   with open(path, "w", encoding="utf-8") as f:
@@ -97,7 +97,6 @@ def write(rows: list[dict], out_dir: str) -> str:
 def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)
-  from train import workflow
   config, root = FLAGS.config, FLAGS.config.workdir
   try:
     reference = workflow.build_world(config)

@@ -1,7 +1,7 @@
-"""The shapes world: coloured geometric shapes on a plain background.
+"""Scenes of the shapes world: coloured geometric shapes on a plain background.
 
 A scene is one or two ``Shape`` objects; ``render`` turns it into a small RGB image
-and ``metamorph.data.oracle`` reads the attributes back, so understanding and
+and ``metamorph.shapes.oracle`` reads the attributes back, so understanding and
 generation are both graded by exact checks.
 
 Geometry (unit coordinates: x to the right, y downwards, the image is [0, 1]^2):
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import numpy as np
 
@@ -48,10 +48,12 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position")
+VALUES: dict[str, tuple[str, ...]] = {  # attribute -> the values it takes
+  "color": COLORS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
 
 # Half the side of the bounding box, in units of the image side. Small is 9.6 px across at
-# 32 px: at 7.7 px (0.12) the toy encoder and visualizer drew small crosses, diamonds and
-# squares as blobs (text-to-image 75 -> 87%, findings section 9).
+# 32 px: smaller ones were drawn as blobs by the toy encoder and visualizer (docs/findings.md,
+# section 9).
 HALF_EXTENT: dict[str, float] = {"small": 0.15, "large": 0.20}
 # Largest per-axis displacement of a jittered centre from its anchor.
 JITTER: dict[str, float] = {"small": 0.06, "large": 0.03}
@@ -93,10 +95,8 @@ class Shape:
   center: tuple[float, float] | None = None
 
   def __post_init__(self) -> None:
-    _check("color", self.color, COLORS)
-    _check("shape", self.shape, SHAPES)
-    _check("size", self.size, SIZES)
-    _check("position", self.position, POSITIONS)
+    for attribute in ATTRIBUTES:
+      _check(attribute, getattr(self, attribute), VALUES[attribute])
     if self.center is not None:
       try:
         cx, cy = (float(v) for v in self.center)
@@ -243,6 +243,11 @@ def render(objects: Shape | Sequence[Shape], size: int = DEFAULT_SIZE,
 # --- sampling ---------------------------------------------------------------------
 
 
+def pick(rng: np.random.Generator, items: Sequence):
+  """A uniformly random item of ``items`` (one ``rng.integers`` draw)."""
+  return items[int(rng.integers(len(items)))]
+
+
 def sample_shape(rng: np.random.Generator,
                  holdout: Collection[tuple[str, str]] = (),
                  position: str | None = None) -> Shape:
@@ -255,10 +260,10 @@ def sample_shape(rng: np.random.Generator,
     raise ValueError("holdout excludes every (color, shape) pair")
   if position is not None:
     _check("position", position, POSITIONS)
-  color, kind = pairs[int(rng.integers(len(pairs)))]
-  size = SIZES[int(rng.integers(len(SIZES)))]
+  color, kind = pick(rng, pairs)
+  size = pick(rng, SIZES)
   if position is None:
-    position = POSITIONS[int(rng.integers(len(POSITIONS)))]
+    position = pick(rng, POSITIONS)
   return Shape(color, kind, size, position)
 
 
@@ -268,7 +273,7 @@ def sample_scene(rng: np.random.Generator, n_objects: int = 1,
   if n_objects == 1:
     return (sample_shape(rng, holdout),)
   if n_objects == 2:
-    pair = PAIRS[int(rng.integers(len(PAIRS)))]
+    pair = pick(rng, PAIRS)
     return tuple(sample_shape(rng, holdout, position=p) for p in pair)
   raise ValueError(f"n_objects must be 1 or 2, got {n_objects!r}")
 
@@ -278,138 +283,26 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, index])
 
 
-# --- command line -----------------------------------------------------------------
-
-WORLD_FILE = "world.json"
-# captions: image-caption pairs for the SigLIP stage; language: text-only records for the toy
-# LLM's language stage (train.stages), which stands in for a pretrained LLM
-SPLITS = ("train", "validation", "captions", "language")
-SPLIT_TASKS = {"captions": {"caption": 1.0}, "language": {"text": 1.0}}  # else the world's mix
-DATASET_NAME = "shapes_world"  # the TFDS dataset under OUT/tfds
+# --- held-out pairs ---------------------------------------------------------------
 
 
-def build_world(out_dir: str, n: int, seed: int = 0, holdout: Sequence[str | Sequence[str]] = (),
-                image_size: int = DEFAULT_SIZE, val_n: int = 1000, tasks: str | None = None,
-                progress: bool = True, captions_n: int = 0, language_n: int = 0) -> dict:
-  """Writes a whole world under ``out_dir`` and returns what ``world.json`` holds.
-
-  Files: ``train.jsonl`` (n records of the ``tasks`` mix), ``validation.jsonl``
-  (val_n records), ``captions.jsonl`` (captions_n image-caption records, the
-  SigLIP stage's training data) and ``language.jsonl`` (language_n text-only records,
-  the language stage's), each from its own seed stream (see
-  ``shapes_tasks.example_rng``); their PNGs under ``images/``, ``eval_t2i.jsonl``
-  (text-to-image prompts of held-out and seen pairs), the tokenizer under
-  ``tokenizer/`` and ``world.json``.
-  """
-  import json
-  import os
-
-  from metamorph.data import shapes_tasks, world_tokenizer
-  pairs = shapes_tasks.normalize_holdout(holdout)
-  mix = shapes_tasks.resolve_mix(tasks)
-  counts, files = {}, {}
-  for split, size in zip(SPLITS, (n, val_n, captions_n, language_n)):
-    if size > 0:
-      counts[split] = shapes_tasks.write_world(out_dir, size, seed, pairs, image_size,
-                                               SPLIT_TASKS.get(split, mix), split, progress)
-      files[split] = f"{split}.jsonl"
-  path, n_eval = shapes_tasks.write_eval_prompts(out_dir, pairs, seed)
-  files["eval_t2i"] = os.path.basename(path)
-  tokenizer = world_tokenizer.build_world_tokenizer(os.path.join(out_dir, "tokenizer"))
-  world = {
-    "args": {"n": n, "val_n": val_n, "captions_n": captions_n, "language_n": language_n, "seed": seed,
-             "image_size": image_size, "holdout": [f"{c}:{s}" for c, s in pairs], "tasks": mix},
-    "holdout": [list(p) for p in pairs],
-    "counts": counts,
-    "eval_prompts": n_eval,
-    "files": {**files, "images": "images", "tokenizer": "tokenizer"},
-    "vocab_size": len(tokenizer),
-  }
-  world["tfds"] = _build_tfds(out_dir, files)
-  with open(os.path.join(out_dir, WORLD_FILE), "w", encoding="utf-8") as f:
-    json.dump(world, f, indent=2)
-    f.write("\n")
-  return world
+def parse_pair(spec: str | Sequence[str]) -> tuple[str, str]:
+  """"red:circle" (or ("red", "circle")) -> ("red", "circle"); ValueError naming the
+  allowed colours and shapes otherwise."""
+  parts = spec.split(":") if isinstance(spec, str) else list(spec)
+  if len(parts) != 2:
+    raise ValueError(f"holdout pair {spec!r} is not COLOR:SHAPE (e.g. red:circle)")
+  color, kind = (p.strip().lower() for p in parts)
+  if color not in COLORS:
+    raise ValueError(f"holdout pair {spec!r}: colour {color!r} is not one of {', '.join(COLORS)}")
+  if kind not in SHAPES:
+    raise ValueError(f"holdout pair {spec!r}: shape {kind!r} is not one of {', '.join(SHAPES)}")
+  return color, kind
 
 
-def _build_tfds(out_dir: str, files: dict[str, str]) -> dict:
-  """The JSONL splits as the TFDS dataset ``DATASET_NAME`` under ``out_dir/tfds``."""
-  import os
-  import shutil
-
-  from metamorph.data import tfds_builder
-  data_dir = os.path.join(out_dir, "tfds")
-  shutil.rmtree(os.path.join(data_dir, DATASET_NAME), ignore_errors=True)  # --overwrite
-  splits = {split: os.path.join(out_dir, files[split]) for split in SPLITS if split in files}
-  counts = tfds_builder.build_dataset(DATASET_NAME, splits, os.path.join(out_dir, "images"), data_dir)
-  return {"data_dir": "tfds", "name": DATASET_NAME,
-          "drop_counts": {split: c.to_dict() for split, c in counts.items()}}
-
-
-def _parser():
-  import argparse
-  parser = argparse.ArgumentParser(
-    prog="python -m metamorph.data.shapes",
-    description="Write a shapes world: conversation records (JSONL) for every task kind, "
-                "their PNG images, evaluation prompts, the word-level tokenizer, and the records "
-                f"as the TFDS dataset '{DATASET_NAME}' under OUT/tfds.")
-  parser.add_argument("--out", required=True, help="output folder")
-  parser.add_argument("--n", type=int, default=20000, help="training records (default 20000)")
-  parser.add_argument("--val-n", type=int, default=1000, help="validation records (default 1000; 0: none)")
-  parser.add_argument("--captions-n", type=int, default=20000,
-                      help="image-caption records of the 'captions' split, the SigLIP stage's data "
-                           "(default 20000; 0: none)")
-  parser.add_argument("--language-n", type=int, default=4000,
-                      help="text-only records of the 'language' split, the language stage's data "
-                           "(default 4000; 0: none)")
-  parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-  parser.add_argument("--holdout", nargs="+", action="extend", default=[], metavar="COLOR:SHAPE",
-                      help="(colour, shape) pairs never generated in training, e.g. red:circle "
-                           f"(colours: {', '.join(COLORS)}; shapes: {', '.join(SHAPES)})")
-  parser.add_argument("--image-size", type=int, default=DEFAULT_SIZE, help=f"image side in pixels "
-                      f"(default {DEFAULT_SIZE}, at least {MIN_SIZE})")
-  parser.add_argument("--tasks", default=None,
-                      help="task kinds and optional weights, e.g. 'qa,t2i' or 'qa:3,t2i:1' or "
-                           "'understanding,t2i:0.05' (kinds: qa, t2i, edit, think, next_frame, video_qa, "
-                           "multi_image, text; groups: all, generation, understanding; default: the "
-                           "default mix)")
-  parser.add_argument("--overwrite", action="store_true", help="write into a folder that holds a world")
-  parser.add_argument("--quiet", action="store_true", help="no progress bars")
-  return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """The command line; returns 0, or exits with status 2 on bad arguments."""
-  import os
-
-  from metamorph.data import shapes_tasks
-  parser = _parser()
-  args = parser.parse_args(argv)
-  if args.n < 1 or min(args.val_n, args.captions_n, args.language_n) < 0:
-    parser.error(f"--n must be >= 1, --val-n, --captions-n and --language-n >= 0, got {args.n}, "
-                 f"{args.val_n}, {args.captions_n} and {args.language_n}")
-  if args.seed < 0:
-    parser.error(f"--seed must be >= 0, got {args.seed}")
-  if args.image_size < MIN_SIZE:
-    parser.error(f"--image-size must be >= {MIN_SIZE}, got {args.image_size}")
-  specs = [s for item in args.holdout for s in item.split(",") if s.strip()]
-  try:
-    holdout = shapes_tasks.normalize_holdout(specs)
-    shapes_tasks.resolve_mix(args.tasks)
-  except ValueError as e:
-    parser.error(str(e))
-  if os.path.exists(os.path.join(args.out, WORLD_FILE)) and not args.overwrite:
-    parser.error(f"{args.out} already holds a world ({WORLD_FILE}); pass --overwrite to replace it")
-  world = build_world(args.out, args.n, args.seed, holdout, args.image_size, args.val_n, args.tasks,
-                      progress=not args.quiet, captions_n=args.captions_n, language_n=args.language_n)
-  for split, counts in world["counts"].items():
-    print(f"{split}: {sum(counts.values())} records " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-  print(f"wrote {args.out} (holdout {world['args']['holdout'] or 'none'}, "
-        f"{world['eval_prompts']} eval prompts, vocab {world['vocab_size']}); TFDS dataset "
-        f"'{DATASET_NAME}' in {os.path.join(args.out, 'tfds')}")
-  return 0
-
-
-if __name__ == "__main__":
-  import sys
-  sys.exit(main())
+def normalize_holdout(holdout: Iterable[str | Sequence[str]]) -> tuple[tuple[str, str], ...]:
+  """Validated, de-duplicated, sorted (colour, shape) pairs; at least one pair stays seen."""
+  pairs = tuple(sorted({parse_pair(p) for p in holdout}))
+  if len(pairs) >= len(COLORS) * len(SHAPES):
+    raise ValueError("the holdout excludes every (colour, shape) pair")
+  return pairs

@@ -1,6 +1,6 @@
 """Rule-based reader of shapes-world images: the exact grader of the toy world.
 
-No learned parts. It inverts how ``shapes.render`` forms an image: each pixel is
+No learned parts. It inverts how ``scene.render`` forms an image: each pixel is
 ``background + alpha * (color - background)`` (+ noise), and a blur (a camera's,
 or a diffusion decoder's) keeps that form, since it mixes pixels linearly.
 
@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from metamorph.data import shapes
+from metamorph.shapes import scene
 
 CANVAS = 64  # largest working resolution, pixels; larger images are box-filtered down
 # Lengths below are in units of the image side, areas in units of its square.
@@ -59,9 +59,9 @@ SPLIT_SCALES = (1.0, 2.0, 3.0)  # FG_DISTANCE multiples tried to separate merged
 BLUR_PIXELS = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 CONTRASTS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1)  # alpha levels of an object's interior tried
 # Side of the bounding box (unit coordinates) separating small from large.
-SIZE_THRESHOLD = math.sqrt(4 * shapes.HALF_EXTENT["small"] * shapes.HALF_EXTENT["large"])
+SIZE_THRESHOLD = math.sqrt(4 * scene.HALF_EXTENT["small"] * scene.HALF_EXTENT["large"])
 
-ATTRIBUTES = shapes.ATTRIBUTES
+ATTRIBUTES = scene.ATTRIBUTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +151,7 @@ def _pixels(length: float, n: int) -> int:
 def _shape_stats(kind: str) -> tuple[float, float]:
   """(fill ratio of the box, centroid y offset in half extents), measured once."""
   n, half = 512, 0.45
-  cov = shapes.coverage(kind, (0.5, 0.5), half, n, supersample=2).astype(np.float64)
+  cov = scene.coverage(kind, (0.5, 0.5), half, n, supersample=2).astype(np.float64)
   ys = (np.arange(n) + 0.5) / n
   area = cov.sum()
   fill = area / (2 * half * n) ** 2
@@ -164,7 +164,7 @@ def _shape_stats(kind: str) -> tuple[float, float]:
 
 def _palette_deltas(bg: np.ndarray) -> np.ndarray:
   """Palette colours minus the background: [3] -> [C, 3]."""
-  return np.asarray([shapes.PALETTE[c] for c in shapes.COLORS], np.float32) / 255.0 - bg
+  return np.asarray([scene.PALETTE[c] for c in scene.COLORS], np.float32) / 255.0 - bg
 
 
 def _pick_color(pix: np.ndarray, deltas: np.ndarray) -> int:
@@ -222,13 +222,13 @@ def _fit_shape(alpha: np.ndarray, region: np.ndarray) -> _Fit:
   a, inside = alpha[crop], region[crop].astype(np.float32)  # [h, w]
 
   hyps, tmpls = [], []
-  for kind in shapes.SHAPES:
+  for kind in scene.SHAPES:
     fill, dy = _shape_stats(kind)
     for contrast in CONTRASTS:
       half = math.sqrt(mass / (contrast * fill)) / (2 * n)
       center = (mx, my - dy * half)
       hyps.append((kind, center, half, contrast))
-      tmpls.append(contrast * shapes.coverage(kind, center, half, n)[crop])
+      tmpls.append(contrast * scene.coverage(kind, center, half, n)[crop])
   t = np.stack(tmpls)  # [K, h, w]
   ky, kx = _blur_matrices(a.shape[0]), _blur_matrices(a.shape[1])  # [G, h, h], [G, w, w]
   blurred = ky[:, None] @ t[None] @ kx.transpose(0, 2, 1)[:, None]  # [G, K, h, w]
@@ -253,10 +253,10 @@ def _read_component(x: np.ndarray, bg: np.ndarray, core: np.ndarray,
     return Reading()
   fit = _fit_shape(alpha.astype(np.float32), region)
   return Reading(
-    color=shapes.COLORS[ci],
+    color=scene.COLORS[ci],
     shape=fit.shape,
     size="large" if 2 * fit.half > SIZE_THRESHOLD else "small",
-    position=shapes.nearest_position(fit.center),
+    position=scene.nearest_position(fit.center),
     center=(float(fit.center[0]), float(fit.center[1])),
     extent=2 * fit.half,
     contrast=fit.contrast,
@@ -346,7 +346,7 @@ def read_image(image, value_range: tuple[float, float] | None = None
   image: PIL image, or array HxWx3 (or HxW) of any size: uint8 in [0, 255];
     float in [0, 1], or in [-1, 1] when it holds a negative value (pass
     ``value_range`` to say it explicitly; see ``to_rgb``).
-  Returns {"color", "shape", "size", "position"} with values from ``shapes``;
+  Returns {"color", "shape", "size", "position"} with values from ``scene``;
   all None when no object stands out. With several objects, the most salient
   one is read.
   """
@@ -358,7 +358,7 @@ def read_objects(image, value_range: tuple[float, float] | None = None,
   """Attributes of up to ``max_objects`` separate objects, as ``read_image``.
 
   Ordered left to right, or top to bottom when they are stacked vertically
-  (the order of ``shapes.PAIRS``); an empty list when no object stands out.
+  (the order of ``scene.PAIRS``); an empty list when no object stands out.
   Objects must not touch: they are separated as connected components.
   """
   return [r.attributes() for r in analyze_objects(image, value_range, max_objects)]

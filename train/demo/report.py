@@ -22,11 +22,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import metamorph
 from metamorph.data.images import load_image
-from train import machine
+from metamorph.shapes import oracle, scene
+from metamorph.shapes.scene import ATTRIBUTES
+from metamorph.tokens import IMAGE_PLACEHOLDER
+from train.demo import machine
 
 GRADED = ("color", "shape", "position")  # "all three"
-ATTRIBUTES = ("color", "shape", "size", "position")
 BATCH = 32
 MAX_NEW_TOKENS = 48
 
@@ -59,7 +62,7 @@ def _single_turn(record: dict) -> bool:
   return len(turns) == 2 and turns[0]["from"] == "human" and turns[1]["from"] == "gpt"
 
 
-def scene(record: dict) -> str:
+def looks_at(record: dict) -> str:
   """What a graded question looks at: "one object", "2 objects" (one image), "2 images",
   "3 frames" (video), from the record's images and ``meta.objects``; "" when unknown."""
   images, objects = _image_names(record), record.get("meta", {}).get("objects")
@@ -73,9 +76,9 @@ def scene(record: dict) -> str:
 
 
 def understanding(mm, world: str, records: list[dict], limit: int) -> dict[str, Any]:
-  """Exact-match accuracy of text answers, overall, by question type and by ``scene``, on the
+  """Exact-match accuracy of text answers, overall, by question type and by ``looks_at``, on the
   first ``limit`` questions of ``records`` (0: all of them)."""
-  items = [r for r in records if _single_turn(r) and "<image>" not in r["conversations"][1]["value"]
+  items = [r for r in records if _single_turn(r) and IMAGE_PLACEHOLDER not in r["conversations"][1]["value"]
            and r.get("image")][:limit or None]
   by_type: dict[str, list[bool]] = defaultdict(list)
   by_scene: dict[str, list[bool]] = defaultdict(list)
@@ -88,7 +91,7 @@ def understanding(mm, world: str, records: list[dict], limit: int) -> dict[str, 
       ok = _normalize(out.text) == _normalize(want)
       kind = r["task"] + ("/" + r["meta"]["questions"][0] if r.get("meta", {}).get("questions") else "")
       by_type[kind].append(ok)
-      by_scene[scene(r) or "unknown"].append(ok)
+      by_scene[looks_at(r) or "unknown"].append(ok)
       if len(examples) < 12:
         examples.append({"question": r["conversations"][0]["value"], "answer": out.text, "expected": want})
   total = [ok for oks in by_type.values() for ok in oks]
@@ -110,13 +113,11 @@ def _grade(reads: list[dict], targets: list[dict]) -> dict[str, Any]:
 
 
 def _anchor_image(target: dict) -> np.ndarray:
-  from metamorph.data import shapes
-  return shapes.render(shapes.Shape(**target), size=32)
+  return scene.render(scene.Shape(**target), size=32)
 
 
 def text_to_image(mm, prompts: list[dict], out_dir: str, limit: int, **render) -> dict[str, Any]:
   """Oracle grades of generated images for seen and held-out prompts."""
-  from metamorph.data import oracle
   groups = {"seen": [p for p in prompts if not p["meta"]["heldout"]],
             "heldout": [p for p in prompts if p["meta"]["heldout"]]}
   if limit:
@@ -147,7 +148,7 @@ def text_to_image(mm, prompts: list[dict], out_dir: str, limit: int, **render) -
 
 
 def editing(mm, world: str, records: list[dict], limit: int, **render) -> dict[str, Any]:
-  from metamorph.data import oracle
+  """Oracle grades of the edited images of the first ``limit`` editing records."""
   items = [r for r in records if r["task"] == "edit" and _single_turn(r)][:limit]
   reads, targets = [], []
   for chunk in _batches(items, "editing"):
@@ -159,12 +160,18 @@ def editing(mm, world: str, records: list[dict], limit: int, **render) -> dict[s
   return _grade(reads, targets)
 
 
+def pyplot():
+  """matplotlib's pyplot on the Agg backend (files only, no display)."""
+  import matplotlib  # slow import: matplotlib (about 2 s), only to draw the report's PNGs
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # slow import: as above
+  return plt
+
+
 def _save_gallery(items: list[tuple[str, Image.Image, str]], path: str) -> str | None:
   if not items:
     return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = pyplot()
   cols = min(8, len(items))
   rows = -(-len(items) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
@@ -182,9 +189,7 @@ def _save_gallery(items: list[tuple[str, Image.Image, str]], path: str) -> str |
 
 def plot_losses(root: str, stages: Sequence[str], path: str) -> str | None:
   """One panel per stage: its logged loss against the step."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = pyplot()
   curves = {}
   for stage in stages:
     file = os.path.join(root, stage, "metrics.jsonl")
@@ -210,7 +215,6 @@ def evaluate(model_dir: str, world_dir: str, world_info: dict, p: ml_collections
              out_dir: str) -> dict[str, Any]:
   """Loads the MetaMorph checkpoint ``model_dir`` (with the visualizer it names) and grades it
   on the world in ``world_dir`` with the preset ``p``'s sizes; PNGs go to ``out_dir``."""
-  import metamorph
   mm = metamorph.load(model_dir)
   render = {"render_steps": p.render_steps, "render_guidance": p.render_guidance}
   validation = _records(os.path.join(world_dir, "validation.jsonl"))
@@ -225,19 +229,20 @@ def evaluate(model_dir: str, world_dir: str, world_info: dict, p: ml_collections
 
 def _rate_rows(rates: dict[str, dict[str, Any]]) -> list[str]:
   """Markdown table rows | group | accuracy | n | of ``_rates``' output."""
-  return [f"| {k} | {_pct(v['accuracy'])} | {v['n']} |" for k, v in rates.items()]
+  return [f"| {k} | {percent(v['accuracy'])} | {v['n']} |" for k, v in rates.items()]
 
 
-def _pct(x) -> str:
+def percent(x) -> str:
+  """A fraction as "12.3%" ("n/a" for None)."""
   return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def summary(results: dict[str, Any]) -> str:
   u, t = results["understanding"], results["text_to_image"]
-  return (f"understanding {_pct(u['accuracy'])} (n={u['n']}); text-to-image all three: "
-          f"seen {_pct(t['seen'].get('all_three'))} (n={t['seen']['n']}), "
-          f"held-out {_pct(t['heldout'].get('all_three'))} (n={t['heldout']['n']}); "
-          f"editing all three {_pct(results['editing'].get('all_three'))}")
+  return (f"understanding {percent(u['accuracy'])} (n={u['n']}); text-to-image all three: "
+          f"seen {percent(t['seen'].get('all_three'))} (n={t['seen']['n']}), "
+          f"held-out {percent(t['heldout'].get('all_three'))} (n={t['heldout']['n']}); "
+          f"editing all three {percent(results['editing'].get('all_three'))}")
 
 
 def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: dict[str, float],
@@ -254,7 +259,8 @@ def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: d
   lines = [f"# MetaMorph on the shapes world ({results['preset']} preset)", "",
            f"Held-out (colour, shape) pairs for generation: {', '.join(results['holdout']) or 'none'}.", "",
            "## Understanding (exact match, validation images)", "",
-           f"Overall: **{_pct(u['accuracy'])}** of {u['n']}.", "", "| question type | accuracy | n |", "|---|---|---|"]
+           f"Overall: **{percent(u['accuracy'])}** of {u['n']}.", "",
+           "| question type | accuracy | n |", "|---|---|---|"]
   lines += _rate_rows(u["by_type"])
   if u.get("by_scene"):
     lines += ["", "| what the question looks at | accuracy | n |", "|---|---|---|", *_rate_rows(u["by_scene"])]
@@ -264,12 +270,12 @@ def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: d
   for name in ("seen", "heldout"):
     g = t[name]
     if g["n"]:
-      lines.append(f"| {name} | " + " | ".join(_pct(g[a]) for a in ATTRIBUTES)
-                   + f" | **{_pct(g['all_three'])}** | {g['no_image']} | "
+      lines.append(f"| {name} | " + " | ".join(percent(g[a]) for a in ATTRIBUTES)
+                   + f" | **{percent(g['all_three'])}** | {g['no_image']} | "
                    + (f"{g['token_cosine']:.3f}" if g["token_cosine"] is not None else "n/a") + f" | {g['n']} |")
   lines += ["", "## Editing (oracle)", ""]
-  lines += [f"colour {_pct(e.get('color'))}, shape {_pct(e.get('shape'))}, size {_pct(e.get('size'))}, "
-            f"position {_pct(e.get('position'))}, all three {_pct(e.get('all_three'))} (n={e['n']})."
+  lines += [f"colour {percent(e.get('color'))}, shape {percent(e.get('shape'))}, size {percent(e.get('size'))}, "
+            f"position {percent(e.get('position'))}, all three {percent(e.get('all_three'))} (n={e['n']})."
             if e["n"] else "no editing records evaluated."]
   if t.get("gallery"):
     lines += ["", "## Samples", "", f"![text-to-image samples]({t['gallery']})"]
