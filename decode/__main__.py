@@ -79,16 +79,20 @@ def read_prompts(args: argparse.Namespace) -> list[dict]:
   if not os.path.isfile(path):
     raise UsageError(f"{path}: prompts file not found")
   base, records = os.path.dirname(path), []
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
       try:
-        item = json.loads(line)
-      except json.JSONDecodeError as e:
+        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        item = json.loads(line) if line.strip() else None
+      except UnicodeDecodeError as e:
+        raise UsageError(f"{path}:{line_no}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from e
+      except (ValueError, RecursionError) as e:
         raise UsageError(f"{path}:{line_no}: not JSON ({e})") from e
+      if item is None:
+        continue
       images = item.get("images", []) if isinstance(item, dict) else None
-      if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not isinstance(images, list):
+      if (not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not isinstance(images, list)
+          or not all(isinstance(p, str) and p for p in images)):
         raise UsageError(f"{path}:{line_no}: expected {{\"prompt\": str, \"images\": [paths], \"id\": ...}}")
       records.append({"id": str(item.get("id", len(records))), "prompt": item["prompt"],
                       "images": [p if os.path.isabs(p) else os.path.join(base, p) for p in images]})
@@ -138,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
       mm = metamorph.load(checkpoint)
     for w in caught:
       print(f"warning: {w.message}", file=sys.stderr)
-  except ConversionError as e:
+  except (ConversionError, OSError) as e:
     raise UsageError(str(e)) from e
   if any(images) and not mm.is_metamorph:
     raise UsageError(f"{checkpoint} is a text-only model; it takes no images")
@@ -175,7 +179,7 @@ def main(argv=None) -> int:
   try:
     return run(args)
   except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library wrote
     return 2
 
 

@@ -31,3 +31,15 @@ def tiny_world(tmp_path_factory):
   """A 200-record shapes world with its TFDS dataset and tokenizer (built once)."""
   from tests.train_fixtures import build_tiny_world
   return build_tiny_world(str(tmp_path_factory.mktemp("world")))
+
+
+@pytest.fixture(scope="session")
+def siglip_run(tiny_world, tmp_path_factory):
+  """A short siglip run (tests.train_fixtures.SIGLIP_RUN, checkpoints 3 and 6), trained once:
+  the connector / vpit tests start from its model, tests/test_faults.py damages copies of its
+  checkpoints. Read-only: copy it before changing anything."""
+  from tests.train_fixtures import SIGLIP_RUN, tiny_config
+  from train import trainer
+  workdir = str(tmp_path_factory.mktemp("siglip"))
+  trainer.run(tiny_config("siglip", tiny_world, **SIGLIP_RUN), workdir)
+  return workdir

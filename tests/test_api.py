@@ -1,21 +1,25 @@
 """The Python API: loading checkpoints (with and without a visualizer, plain LLMs), answers
-with images, image inputs, chat, seeds, and SmolLM2's greedy answer against transformers."""
+with images, image inputs, chat (an earlier answer's image reaches the prompt), seeds, and greedy
+answers against transformers' ``generate`` (SmolLM2, an exported text-only checkpoint)."""
 import json
 import os
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from PIL import Image
+from transformers import AutoModelForCausalLM
 
 import metamorph
 from metamorph.api.model import MetaMorphModel
 from metamorph.convert import ConversionError
 from metamorph.files import write_json, write_safetensors
 from metamorph.params import load_module_params, module_params
-from metamorph.convert.llama import save_llm
+from metamorph.convert.llama import export_hf, save_llm
 from metamorph.shapes.tokenizer import build_world_tokenizer
 from metamorph.generation.prompts import PromptTooLong
 from tests import generate_fixtures as fx
@@ -122,18 +126,85 @@ def test_model_without_visualizer_returns_visual_tokens_only(tmp_path):
   assert quiet.visualizer is None
 
 
-def test_text_only_llm_checkpoint_serves_text(tmp_path):
+def test_text_only_llm_checkpoint_answers_as_transformers_generate(tmp_path):
+  """A text-only checkpoint serves text: its greedy answer (with and without a repetition
+  penalty) is transformers' ``generate`` of the same LLM exported as a ``LlamaForCausalLM``
+  folder, on the prompt of the tokenizer's own chat template: the same tokens up to the stop
+  token, the same text. It takes no images."""
   tokenizer = build_world_tokenizer()
-  model = fx.tiny_metamorph(tokenizer)
-  save_llm(model.llm, tokenizer, str(tmp_path / "llm"))
+  llm = fx.tiny_metamorph(tokenizer).llm
+  save_llm(llm, tokenizer, str(tmp_path / "llm"))
+  export_hf(llm, tokenizer, str(tmp_path / "hf"))
   mm = metamorph.load(str(tmp_path / "llm"))
   assert not mm.is_metamorph
-  [out] = mm.generate(["Hello."], max_new_tokens=6)
-  assert len(out.token_ids) >= 1 and isinstance(out.text, str) and out.images == []
+  prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello."}], add_generation_prompt=True,
+                                         return_dict=True)["input_ids"]
+  hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+  # these answers take both ends: the stop token, and the whole budget (the penalty keeps it talking)
+  for penalty, finish, length in ((1.0, "stop", 2), (1.3, "length", 16)):
+    [out] = mm.generate(["Hello."], max_new_tokens=16, repetition_penalty=penalty)
+    with torch.no_grad():
+      ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                        max_new_tokens=16, do_sample=False, repetition_penalty=penalty,
+                        eos_token_id=list(mm.stop_ids), pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+    assert out.token_ids == ref, (penalty, out.text, tokenizer.decode(ref))
+    assert out.text == tokenizer.decode([t for t in ref if t not in mm.stop_ids], skip_special_tokens=True).strip()
+    assert (out.finish_reason, len(ref), out.images) == (finish, length, [])
   with pytest.raises(ValueError, match="text-only"):
     mm.generate(["What is it?"], images=[[_picture()]])
   with pytest.raises(ValueError, match="no vision tower"):
     mm.encode_image(_picture())
+
+
+def test_an_earlier_assistant_image_reaches_the_prompt(monkeypatch):
+  """``chat`` with an image in an earlier assistant turn: its visual tokens fill the visual slots
+  of that turn in the prompt the engine gets, the first generated token's logits (the model's
+  own full forward over that prompt) move when the image changes, and so does the reply."""
+  tokenizer = build_world_tokenizer()
+  mm = MetaMorphModel(fx.tiny_metamorph(tokenizer), tokenizer)
+  prompts = []
+  generate = mm.engine.generate
+
+  def spy(batch, **kwargs):
+    prompts.extend(batch)
+    return generate(batch, **kwargs)
+
+  monkeypatch.setattr(mm.engine, "generate", spy)
+  picture = _picture()
+  earlier = np.random.default_rng(5).normal(size=(2, fx.M, fx.DV)).astype(np.float32)
+  earlier /= np.linalg.norm(earlier, axis=-1, keepdims=True)
+
+  def reply(tokens):
+    return mm.chat([{"role": "user", "content": "Edit this.", "images": [picture]},
+                    {"role": "assistant", "content": "<image>", "images": [tokens]},
+                    {"role": "user", "content": "Again."}], max_new_tokens=8)
+
+  replies = [reply(earlier[0]), reply(earlier[1]), reply(earlier[0])]
+  start, end = mm.layout.image_start_id, mm.layout.image_end_id
+  graphdef, state = nnx.split(mm.model)
+
+  @jax.jit
+  def last_logits(state, ids, vidx, tokens):  # the model's own full forward, no cache
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model.llm.forward(model.embed(ids[None], vidx[None], tokens[None]))
+    return model.llm.logits(hidden)[0, -1]
+
+  picture_tokens, logits = mm.encode_image(picture), []
+  for prompt, tokens in zip(prompts, earlier[[0, 1, 0]]):
+    np.testing.assert_allclose(prompt.visual_tokens[0], picture_tokens, atol=1e-6)
+    np.testing.assert_array_equal(prompt.visual_tokens[1], tokens)
+    ids, vidx = np.asarray(prompt.input_ids), np.asarray(prompt.visual_index)
+    slots = np.flatnonzero(vidx >= fx.M)  # the second image's slots, in order
+    np.testing.assert_array_equal(vidx[slots], np.arange(fx.M, 2 * fx.M))
+    assert np.all(np.diff(slots) == 1) and ids[slots[0] - 1] == start and ids[slots[-1] + 1] == end
+    before = tokenizer.decode(ids[:slots[0]])
+    assert before.rstrip().endswith("<|im_start|>assistant\n<image_start>"), before  # the assistant's turn
+    logits.append(np.asarray(last_logits(state, ids, vidx, prompt.visual_tokens)))
+  for r, first in zip(replies, logits):
+    assert r.token_ids[0] == first.argmax()  # the engine's first token is the forward's greedy choice
+  np.testing.assert_allclose(logits[2], logits[0], atol=1e-6)
+  assert np.abs(logits[1] - logits[0]).max() > 5e-3  # measured: 0.027 (the logits' spread: 0.12)
+  assert replies[2].token_ids == replies[0].token_ids != replies[1].token_ids
 
 
 def test_load_errors(tmp_path, run):

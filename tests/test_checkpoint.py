@@ -17,12 +17,14 @@ SCRIPT = textwrap.dedent("""
   replicated = jax.sharding.NamedSharding(sharding.make_mesh(data=2, fsdp=1), jax.sharding.PartitionSpec())
   rng = np.random.default_rng(0)
   state = {f"w{i}": jax.device_put(rng.normal(size=(i + 3, 5)).astype(np.float32), replicated) for i in range(6)}
-  mgr = checkpoint.manager(sys.argv[1])
+  ckpt = checkpoint.Checkpoints(sys.argv[1], with_data=False)
   before = len(compiles)
-  checkpoint.save(mgr, 1, state, {"note": "test"})
-  mgr.wait_until_finished()
+  ckpt.save(1, state, {"note": "test"})
+  ckpt.wait()
   saved = len(compiles) - before
-  restored, meta, step = checkpoint.restore(mgr, checkpoint.abstract_like(state, {k: replicated for k in state}))
+  assert checkpoint.verify(f"{sys.argv[1]}/checkpoints/1", 1) is None, "sealed by its manifest"
+  restored, meta, step = ckpt.restore(checkpoint.abstract_like(state, {k: replicated for k in state}))
+  ckpt.close()
   assert step == 1 and meta == {"note": "test"}, (step, meta)
   for k in state:
     np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(state[k]))

@@ -1,10 +1,14 @@
 """The generation engine on tiny random models: the cached, batched, jitted loop equals the
 naive reference loop (full forward every step), text and visual steps; sampling filters;
-seeds; one compilation per bucketed shape."""
+seeds; one compilation per bucketed shape; sampled-token frequencies against softmax(logits / T)
+(chi-square tests); the repetition penalty against transformers' logits processor."""
 import jax
 import numpy as np
 import pytest
+import scipy.stats
+import torch
 from flax import nnx
+from transformers import RepetitionPenaltyLogitsProcessor
 
 from metamorph.generation import engine as E
 from metamorph.generation.engine import VISUAL_SLOT, Decoded, Engine
@@ -211,3 +215,80 @@ def test_bad_inputs(engine):
   text_only = Engine(Llama(_llm_config(), rngs=nnx.Rngs(0)), eos_ids=[EOS])
   with pytest.raises(ValueError, match="text-only"):
     text_only.generate([_prompt(np.random.default_rng(0), 3, 1)], max_new_tokens=4)
+
+
+# ----------------------------------------------------------------------------- distributions
+
+
+def chisquare_p(counts: np.ndarray, probs: np.ndarray) -> float:
+  """The chi-square goodness-of-fit p-value of token ``counts`` [V] against ``probs`` [V]; tokens
+  expected fewer than 5 times are pooled into one bin (the test's validity condition)."""
+  counts, probs = np.asarray(counts, np.float64), np.asarray(probs, np.float64)
+  if np.any(counts[probs == 0] > 0):
+    return 0.0  # a token drawn that cannot be
+  expected = counts.sum() * probs / probs.sum()
+  small = expected < 5
+  f_obs = np.append(counts[~small], counts[small].sum())
+  f_exp = np.append(expected[~small], expected[small].sum())
+  keep = f_exp > 0
+  return float(scipy.stats.chisquare(f_obs[keep], f_exp[keep] * f_obs[keep].sum() / f_exp[keep].sum()).pvalue)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampled_tokens_follow_the_softmax_of_logits_over_temperature(temperature):
+  """40000 draws of ``choose_text`` (no top-k / top-p) fit softmax(logits / T) by a chi-square
+  test, and reject softmax(logits) (T ignored) and softmax(logits / T^2): the test can fail."""
+  logits = np.random.default_rng(4).normal(size=12).astype(np.float32) * 1.5
+  n = 40000
+  draw = jax.jit(lambda keys: choose_text(jax.numpy.broadcast_to(logits, (n, 12)), keys,
+                                          SamplingParams(temperature=temperature).traced()))
+  tokens = np.asarray(draw(jax.random.split(jax.random.key(0), n)))
+  counts = np.bincount(tokens, minlength=12)
+  assert chisquare_p(counts, softmax(logits / temperature)) > 1e-3
+  assert chisquare_p(counts, softmax(logits)) < 1e-12
+  assert chisquare_p(counts, softmax(logits / temperature ** 2)) < 1e-12
+
+
+def test_the_engines_first_tokens_follow_softmax_of_penalised_logits_over_temperature():
+  """The engine end to end: 2048 rows of one prompt each sample a first token with their own
+  key; the frequencies fit softmax(logits / T) of the model's own forward (a chi-square test),
+  with transformers' ``RepetitionPenaltyLogitsProcessor`` over the prompt when penalised."""
+  llm = Llama(_llm_config(), rngs=nnx.Rngs(1))
+  llm.lm_head.kernel[...] = llm.lm_head.kernel[...] * 15.0  # logits of std ~1.5: T matters
+  ids = [5, 9, 17, 9, 22, 3, 17]
+  hidden, _ = llm.forward(llm.embed(jax.numpy.asarray([ids])))
+  logits = torch.from_numpy(np.array(llm.logits(hidden))[0, -1:])  # [1, V]
+  engine, n = Engine(llm, eos_ids=[EOS]), 2048
+  for temperature, penalty in ((0.7, 1.0), (1.6, 1.8)):
+    sampling = SamplingParams(temperature=temperature, repetition_penalty=penalty)
+    out = engine.generate([Prompt.text(ids)] * n, max_new_tokens=1, sampling=sampling, seed=0)
+    counts = np.bincount([d.token_ids[0] for d in out], minlength=V)
+    penalised = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids]), logits.clone())[0].numpy()
+    assert chisquare_p(counts, softmax(penalised / temperature)) > 1e-3, (temperature, penalty)
+    assert chisquare_p(counts, softmax(penalised)) < 1e-6  # T ignored would fail
+    if penalty != 1.0:
+      assert chisquare_p(counts, softmax(logits[0].numpy() / temperature)) < 1e-6  # the penalty ignored too
+
+
+@pytest.mark.parametrize("penalty", [0.6, 1.3, 2.5])
+def test_repetition_penalty_equals_transformers_logits_processor(penalty):
+  """Random logits (negative, zero and positive) and token histories with repeated ids: the seen
+  mask of each history, penalised, equals transformers' processor on the history."""
+  rng = np.random.default_rng(int(penalty * 10))
+  b, v, length = 6, 40, 25
+  logits = rng.normal(size=(b, v)).astype(np.float32) * 3
+  logits[:, :3] = [-2.0, 0.0, 2.0]
+  history = rng.integers(0, v, (b, length))
+  history[:, :6] = [0, 1, 2, 0, 1, 2]  # the edge values, each seen twice
+  history[0] = 7  # one id only, repeated
+  seen = np.zeros((b, v), bool)
+  seen[np.arange(b)[:, None], history] = True
+  want = RepetitionPenaltyLogitsProcessor(penalty)(torch.from_numpy(history), torch.from_numpy(logits.copy())).numpy()
+  ours = np.asarray(jax.jit(apply_repetition_penalty)(logits, seen, jax.numpy.float32(penalty)))
+  np.testing.assert_allclose(ours, want, rtol=1e-6, atol=0)
+  assert np.sum(ours != logits) >= b * 5  # the penalty acted on the seen ids

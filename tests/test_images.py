@@ -1,12 +1,15 @@
-"""Image loading errors and SigLIP preprocessing against transformers' processor."""
+"""Image loading errors, paths kept inside the image folder, the pixel limit, and SigLIP
+preprocessing against transformers' processor."""
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from metamorph.data.images import load_image, preprocess
+from metamorph.data.images import MAX_PIXELS, load_image, preprocess, read_image_bytes, resolve_image
 from metamorph.data.records import RecordError
+from tests.image_faults import png_header
 
 
 def _reference(image: Image.Image, size: int) -> np.ndarray:
@@ -61,3 +64,54 @@ def test_missing_and_corrupt_images_raise_record_errors(tmp_path):
     with pytest.raises(RecordError) as e:
       load_image(data, "x.jsonl:4")
     assert e.value.reason == "corrupt_image" and "x.jsonl:4" in str(e.value)
+
+
+def test_paths_that_leave_the_folder_are_refused_before_any_file_is_touched(tmp_path):
+  root = tmp_path / "images"
+  (root / "sub").mkdir(parents=True)
+  (root / "a.png").write_bytes(b"inside")
+  (tmp_path / "secret.png").write_bytes(b"outside")
+  os.symlink(tmp_path / "secret.png", root / "out.png")
+  os.symlink(root / "a.png", root / "sub" / "in.png")
+  for path in ("../secret.png", "sub/../../secret.png", str(tmp_path / "secret.png"), "/etc/passwd",
+               "out.png", "../../../etc/passwd"):
+    with pytest.raises(RecordError) as e:
+      resolve_image(str(root), path, "x.jsonl:5")
+    assert e.value.reason == "image_outside_root" and str(e.value).startswith("x.jsonl:5: image_outside_root")
+    assert "--allow-images-outside-root" in str(e.value)
+  assert resolve_image(str(root), "sub/in.png") == str((root / "a.png").resolve())  # a link that stays inside
+  assert resolve_image(str(root), "sub/../a.png") == str((root / "a.png").resolve())
+  assert resolve_image(str(root), "missing.png") == str((root / "missing.png").resolve())  # missing: open says
+  outside = resolve_image(str(root), "out.png", allow_outside_root=True)
+  assert read_image_bytes(outside) == b"outside"
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's, at 89 M pixels
+def test_images_over_the_pixel_limit_are_dropped_before_decoding():
+  # the header claims 10000 x 10000 and the data is a few bytes: a decode would fail as corrupt_image
+  with pytest.raises(RecordError) as e:
+    load_image(png_header(10000, 10000), "x.jsonl:6")
+  assert e.value.reason == "image_too_large" and str(e.value).startswith("x.jsonl:6: image_too_large")
+  assert f"10000 x 10000 = 100000000 pixels > max_pixels {MAX_PIXELS}" in str(e.value)
+  small = _encoded(Image.new("RGB", (30, 30)), "PNG")
+  with pytest.raises(RecordError, match="30 x 30 = 900 pixels > max_pixels 899"):
+    load_image(small, max_pixels=899)
+  assert load_image(small, max_pixels=900).size == (30, 30)
+  with pytest.raises(RecordError) as e:  # no limit of ours: the decode is tried (and fails: no data)
+    load_image(png_header(300, 300), max_pixels=None)
+  assert e.value.reason == "corrupt_image"
+
+
+def test_a_decompression_bomb_is_too_large_even_without_our_limit():
+  with pytest.raises(RecordError) as e:  # 400 M pixels: more than twice PIL's own limit
+    load_image(png_header(20000, 20000), "x.jsonl:7", max_pixels=None)
+  assert e.value.reason == "image_too_large" and "decompression bomb" in str(e.value)
+
+
+def test_unreadable_and_folder_paths_are_counted_reasons(tmp_path):
+  with pytest.raises(RecordError) as e:
+    load_image(str(tmp_path / ("a" * 300 + ".png")))  # a name the file system refuses (ENAMETOOLONG)
+  assert e.value.reason == "unreadable_image"
+  with pytest.raises(RecordError) as e:
+    load_image(str(tmp_path))
+  assert e.value.reason == "missing_image"

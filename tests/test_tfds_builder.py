@@ -1,4 +1,5 @@
 """Building a TFDS (array_record) dataset from JSONL + images, and reading it without TF."""
+import collections
 import json
 import os
 import subprocess
@@ -7,8 +8,10 @@ import sys
 import pytest
 from PIL import Image
 
+from metamorph.data import tfds_builder
 from metamorph.data.records import RecordError
 from metamorph.data.tfds_builder import build_dataset, open_source, read_drop_counts
+from tests.image_faults import IMAGES, KEPT, image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,6 +116,25 @@ def test_strict_names_the_line_and_the_reason(tmp_path, image_root, reason):
   assert e.value.reason == reason
   assert str(e.value).startswith(f"{path}:3: {reason}")
   assert not (data_dir / "strict" / "1.0.0").exists()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # huge.png: dropped, image_too_large
+@pytest.mark.parametrize("allow", [False, True])
+def test_each_image_fault_is_its_reason_and_outside_paths_are_never_opened(tmp_path, monkeypatch, allow):
+  root = image_folder(str(tmp_path))
+  opened = []
+  read = tfds_builder.read_image_bytes
+  monkeypatch.setattr(tfds_builder, "read_image_bytes", lambda path, where="": opened.append(path) or read(path, where))
+  paths = sorted(IMAGES)
+  path = _write_jsonl(tmp_path / "images.jsonl", [_with_image(p, p) for p in paths])
+  counts = build_dataset("faults", {"train": path}, root, str(tmp_path / "data"), allow_images_outside_root=allow)
+  expected = {p: KEPT if allow and r == "image_outside_root" else r for p, r in IMAGES.items()}
+  dropped = collections.Counter(r for r in expected.values() if r != KEPT)
+  assert counts["train"].counts == dropped and counts["train"].kept == len(paths) - dropped.total()
+  kept = [e["id"].decode() for e in open_source(str(tmp_path / "data"), "faults", "train")]
+  assert kept == [p for p in paths if expected[p] == KEPT]
+  outside = os.path.realpath(os.path.join(str(tmp_path), "outside"))
+  assert any(p.startswith(outside) for p in opened) == allow
 
 
 NO_TF_READER = """

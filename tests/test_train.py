@@ -1,10 +1,11 @@
 """The training job on a tiny world: every stage learns, frozen parameters stay
 bit-identical, a killed run resumes exactly, bad configs and NaNs stop clearly."""
+import functools
 import json
 import os
+import re
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -12,31 +13,25 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from metamorph import checkpoint
 from train import trainer
-from tests.train_fixtures import ROOT, config_flags, run_train, set_field, tiny_config
+from train.step import state_check
+from tests.train_fixtures import ROOT, kill_when, run_train, set_field, tiny_config, train_command
 
 
 def _flat(state: nnx.State) -> dict:
   return {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(state)}
 
 
-def _metrics(workdir: str) -> dict[int, dict]:
-  """Last record of each step in metrics.jsonl (a resumed run appends)."""
-  out = {}
+def _records(workdir: str) -> list[dict]:
+  """Every record of metrics.jsonl, in order (a resumed run appends)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if "loss" in record:
-        out[record["step"]] = record
-  return out
+    return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def siglip_run(tiny_world, tmp_path_factory):
-  """A short siglip run whose exported model the connector / vpit tests start from."""
-  workdir = str(tmp_path_factory.mktemp("siglip"))
-  trainer.run(tiny_config("siglip", tiny_world, **{"train.batch_size": 16}), workdir)
-  return workdir
+def _metrics(workdir: str) -> dict[int, dict]:
+  """The training record of each step of an uninterrupted run."""
+  return {r["step"]: r for r in _records(workdir) if "loss" in r}
 
 
 def _train_on_one_batch(config, steps: int = 8):
@@ -94,38 +89,53 @@ def test_micro_batches_give_the_same_step(tiny_world, siglip_run):
 
 
 def test_killed_run_resumes_with_identical_metrics(tiny_world, tmp_path):
+  """kill -9 after checkpoint 6 exists: the rerun says which step it resumed from, logs each
+  later step exactly once, with the metrics of an uninterrupted run."""
   config = tiny_config("siglip", tiny_world, **{"train.steps": 30, "train.checkpoint_every": 3,
                                                "train.batch_size": 16})
   reference = str(tmp_path / "reference")
   assert run_train(config, reference).returncode == 0
 
   killed = str(tmp_path / "killed")
-  cmd = [sys.executable, "-m", "train", f"--config={ROOT}/configs/toy.py:siglip", f"--workdir={killed}",
-         *config_flags(config)]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 240
-    while not os.path.isdir(os.path.join(killed, "checkpoints", "6")) and time.time() < deadline:
-      assert proc.poll() is None, "the run ended before it could be killed"
-      time.sleep(0.05)
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  assert run_train(config, killed).returncode == 0
-  want, got = _metrics(reference), _metrics(killed)
-  assert sorted(got) == sorted(want)
-  for step in range(7, 31):
+  kill_when(train_command(config, killed), lambda: os.path.isdir(os.path.join(killed, "checkpoints", "6")),
+            "checkpoint 6 appeared")
+  before = len(_records(killed))
+  rerun = run_train(config, killed)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  resumed = re.search(rf"resumed from {re.escape(killed)}/checkpoints/(\d+)", rerun.stdout)
+  assert resumed, rerun.stdout[-2000:]
+  start = int(resumed.group(1))
+  assert 6 <= start < 30
+  logged = [r for r in _records(killed)[before:] if "loss" in r]
+  assert [r["step"] for r in logged] == list(range(start + 1, 31)), "each later step once, by the rerun"
+  want = _metrics(reference)
+  for record in logged:
     for key in ("loss", "grad_norm", "lr"):
-      assert got[step][key] == want[step][key], (step, key)
+      assert record[key] == want[record["step"]][key], (record["step"], key)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_world, tmp_path):
-  config = tiny_config("siglip", tiny_world, **{"optim.lr": 1e30, "train.steps": 20,
+  """lr 0 at step 1 (warmup), then 5e29: the state after step 2 overflows. It is caught before
+  it is saved (the loss logged at step 2 is still that of the good weights before the update),
+  and the checkpoint kept has finite parameters and a finite loss on the batch it trained on."""
+  config = tiny_config("siglip", tiny_world, **{"optim.lr": 1e30, "optim.warmup_frac": 0.1, "train.steps": 20,
                                                "train.checkpoint_every": 1, "train.batch_size": 16})
-  with pytest.raises(trainer.TrainingError, match=r"the loss is (nan|inf) at step \d+; stopping"):
+  with pytest.raises(trainer.TrainingError,
+                     match=r"(the loss is (nan|inf)|not finite) (at|after) step 2\b.*stopping without saving"):
     trainer.run(config, str(tmp_path))
-  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
-  assert steps, "the good checkpoints before the NaN are kept"
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [1]
+  assert _metrics(str(tmp_path))[2]["loss"] < 20, "step 2 logged the loss of the good state before it"
+
+  s = trainer.make_setup(config)
+  with checkpoint.Checkpoints(str(tmp_path), async_save=False) as ckpt:
+    state, _, step = ckpt.restore(checkpoint.abstract_like(s.abstract_state, s.shardings))
+  assert step == 1
+  for path, value in {**_flat(state.params), **_flat(state.frozen)}.items():
+    assert np.all(np.isfinite(value)), path
+  batch = next(trainer.batches(s, config.data.train_split, seed=config.seed))  # the batch step 1 trained on
+  with jax.set_mesh(s.mesh):
+    check = jax.jit(functools.partial(state_check, s.graphdef, s.stage))(state, trainer.data.global_batch(batch, s.mesh))
+  assert bool(check["finite"]) and np.isfinite(float(check["loss"])), check
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -156,9 +166,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_world, tmp_path):
   config = tiny_config("siglip", tiny_world, **{"train.steps": 500, "train.checkpoint_every": 3,
                                                "train.batch_size": 16})
   workdir = str(tmp_path / "run")
-  cmd = [sys.executable, "-m", "train", f"--config={ROOT}/configs/toy.py:siglip", f"--workdir={workdir}",
-         *config_flags(config)]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(train_command(config, workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     deadline = time.time() + 240
     while not os.path.isdir(os.path.join(workdir, "checkpoints", "3")) and time.time() < deadline:

@@ -1,6 +1,8 @@
 """The visualizer (diffusion decoder) on tiny configs: it learns, samples deterministically,
-guides exactly, pads and drops conditions, runs in latent mode, and rejects bad inputs."""
+guides exactly, pads and drops conditions, trains on diffusers' targets, samples in latent mode
+as diffusers' PyTorch VAE decodes, and rejects bad inputs."""
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,9 @@ from flax import nnx
 from metamorph.params import build_module, module_params
 from metamorph.models import visualizer as V
 from metamorph.models.siglip import SiglipVisionConfig
+from metamorph.models.visualizer import model as model_module
+from metamorph.models.visualizer.diffusers_modules import unet_field
+from tests.test_diffusion_targets import reference_targets
 
 B, M, DV, SIZE = 2, 4, 8, 16
 
@@ -58,6 +63,11 @@ def images(seed: int, b: int = B) -> jax.Array:
 @pytest.fixture(scope="module")
 def tiny():
   return V.Visualizer(tiny_config(), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_latent():
+  return V.Visualizer(tiny_latent_config(pad_to=6), rngs=nnx.Rngs(1))
 
 
 # ----------------------------------------------------------------------------- config
@@ -169,6 +179,37 @@ def test_training_reduces_loss(tiny):
     losses.append(float(loss))
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_the_loss_regresses_the_model_output_on_diffusers_targets(tiny, monkeypatch):
+  """With no condition dropout the loss is the MSE between the model's output at diffusers'
+  ``add_noise`` sample and diffusers' target (tests/test_diffusion_targets.py), at the timesteps
+  and noise the loss drew (read by a spy on ``diffusion_targets``). The UNet is replaced by a
+  cheap stand-in of (x, t, condition) here: ``predict`` is held to diffusers' UNet elsewhere."""
+  v = variant(tiny, cond_drop_prob=0.0)
+  assert v.config.prediction_type == "v_prediction" and unet_field(v.config.unet, "dropout") == 0
+  draws = {}
+  real_targets = model_module.diffusion_targets
+
+  def targets_spy(config, x0, noise, t):
+    draws["targets"] = (x0, noise, t)
+    return real_targets(config, x0, noise, t)
+
+  def stand_in(x, t, context):
+    return 0.5 * x + 1e-3 * t[:, None, None, None] + context.mean(axis=(1, 2))[:, None, None, None]
+
+  monkeypatch.setattr(model_module, "diffusion_targets", targets_spy)
+  monkeypatch.setattr(V.Visualizer, "predict", lambda self, x, t, cond, **kwargs: stand_in(x, t, cond.context))
+  graphdef, state = nnx.split(v)
+  imgs, tokens = images(4), unit_tokens(4)
+  loss = jax.jit(lambda s: (nnx.merge(graphdef, s).loss(imgs, tokens, jax.random.key(7))[1]["loss_diffusion"],
+                            draws["targets"], nnx.merge(graphdef, s).condition(tokens).context))
+  loss, (x0, noise, t), context = jax.device_get(loss(state))
+  np.testing.assert_array_equal(x0, np.transpose(np.asarray(imgs), (0, 3, 1, 2)))  # pixel mode: x0 is the image
+  assert noise.shape == (B, 3, SIZE, SIZE) and 0.5 < noise.std() < 1.5 and np.unique(t).size == B
+  x_t, target = reference_targets(v.config, x0, noise, t)
+  want = np.mean(np.square(stand_in(x_t, t, context) - target))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- conditions
@@ -288,8 +329,8 @@ def test_bad_inputs_give_clear_errors(tiny):
 # ----------------------------------------------------------------------------- other layouts
 
 
-def test_latent_mode_with_a_tiny_vae():
-  visualizer = V.Visualizer(tiny_latent_config(pad_to=6), rngs=nnx.Rngs(1))
+def test_latent_mode_with_a_tiny_vae(tiny_latent):
+  visualizer = tiny_latent
   assert visualizer.config.sample_size == SIZE // 2
   assert visualizer.vae_params()["encoder"]["conv_in"]["kernel"].shape == (3, 3, 3, 8)
   graphdef, params, rest = nnx.split(visualizer, V.Visualizer.TRAINABLE, ...)
@@ -314,6 +355,56 @@ def test_latent_mode_with_a_tiny_vae():
     out = jax.eval_shape(lambda s=sampler: visualizer.sample(tokens, guidance=2.0, steps=2, rng=jax.random.key(0),
                                                              sampler=s))
     assert out.shape == (B, SIZE, SIZE, 3)
+
+
+def torch_vae(visualizer: V.Visualizer):
+  """diffusers' PyTorch ``AutoencoderKL`` of the visualizer's VAE config, holding its weights
+  (renamed and transposed here; every tensor placed: strict loading)."""
+  import torch  # slow import: torch and diffusers' PyTorch models, for this reference only
+  from diffusers import AutoencoderKL
+  vae = AutoencoderKL(**{k: list(v) if isinstance(v, tuple) else v for k, v in visualizer.config.vae_kwargs.items()})
+  attention = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+  state = {}
+  for name, value in module_params(visualizer).items():
+    if not name.startswith("vae/"):
+      continue
+    *path, leaf = name[len("vae/"):].split("/")
+    path = [attention.get(p, re.sub(r"_(\d+)$", r".\1", p)) for p in path]
+    value = np.array(value, np.float32)
+    if leaf == "kernel":
+      leaf, value = "weight", (np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else value.T)
+    state[".".join(path + ["weight" if leaf == "scale" else leaf])] = torch.from_numpy(np.ascontiguousarray(value))
+  vae.load_state_dict(state, strict=True)
+  return vae.eval()
+
+
+def test_latent_sampling_is_a_diffusers_vae_decode_of_the_denoised_latents(tiny_latent, monkeypatch):
+  """Latent mode, run for real: ``sample`` (DDIM, guided) denoises latents with the UNet and
+  its images are PyTorch diffusers' ``AutoencoderKL.decode`` of those latents / scaling
+  factor, clipped to [-1, 1], with the same weights."""
+  import torch  # slow import: torch, for the reference decode only
+  v = variant(tiny_latent, vae_scaling_factor=0.5)  # a scale that a missing division would show
+  calls = {}
+  real_denoise = model_module.denoise
+
+  def denoise_spy(*args, **kwargs):
+    calls["latents"] = real_denoise(*args, **kwargs)
+    return calls["latents"]
+
+  monkeypatch.setattr(model_module, "denoise", denoise_spy)
+  graphdef, state = nnx.split(v)
+  tokens, rng = unit_tokens(2), jax.random.key(3)
+  sample = jax.jit(lambda s: (nnx.merge(graphdef, s).sample(tokens, guidance=2.0, steps=3, rng=rng),
+                              calls["latents"]))
+  out, latents = jax.device_get(sample(state))
+  assert out.shape == (B, SIZE, SIZE, 3) and latents.shape == (B, 4, SIZE // 2, SIZE // 2)
+  noise = np.asarray(jax.random.normal(rng, latents.shape))
+  assert np.abs(latents - noise).max() > 0.1  # the UNet's steps moved the latents
+  with torch.no_grad():
+    want = torch_vae(v).decode(torch.from_numpy(latents / 0.5)).sample.clamp(-1, 1).numpy()
+  want = np.transpose(want, (0, 2, 3, 1))
+  assert 0.05 < np.mean(np.abs(want) < 1) and want.std() > 0.05  # not all clipped, not constant
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)  # measured: 1e-6
 
 
 def test_visualizer_model_tokens_and_reconstruct(tiny):

@@ -1,7 +1,8 @@
 """Training job: ``python -m train --config configs/NAME.py[:ARG] --workdir DIR [--config.FIELD=VALUE ...]``.
 
 The config's ``stage`` (a name in ``train.stages.STAGES``) picks what trains. Rerunning the
-same command resumes from the latest checkpoint in DIR. Several processes
+same command resumes from the latest checkpoint in DIR. A field the config does not have, or a
+value of the wrong type, stops it at once with exit status 2 (``train.config_errors``). Several processes
 (multi-host): pass --coordinator, --num_processes and --process_id, or rely on
 ``jax.distributed.initialize()``'s auto-detection (TPU pods, SLURM) with
 --distributed.
@@ -11,12 +12,13 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from metamorph.convert import ConversionError
 from metamorph.data.records import RecordError
+from train.config_errors import define_config_file, parse_flags
+from train.defaults import base_config
 
-config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])", lock_config=True)
+define_config_file("config", None, "training config file (configs/*.py[:arg])", schema=base_config)
 flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics.jsonl, tensorboard, model/")
 flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs")
 flags.DEFINE_integer("num_processes", None, "number of processes of a multi-process run")
@@ -49,4 +51,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

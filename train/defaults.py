@@ -74,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 50
   c.train.keep_checkpoints = 2
   c.train.async_checkpoints = True
+  c.train.strict_checkpoints = False  # a damaged latest checkpoint stops the run (default: resume from
+                                      # the newest intact one, with a warning; metamorph/checkpoint.py)
   c.train.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind
   c.train.sample_every = 0      # visualizer stage: write originals next to reconstructions (PNG)
 

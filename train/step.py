@@ -73,3 +73,12 @@ def eval_step(graphdef, stage: Stage, state: TrainState, batch: Batch) -> dict[s
   model = nnx.merge(graphdef, state.params, state.frozen)
   loss, metrics = stage.loss(model, batch, stage.normalisers(batch), jax.random.key(0))
   return {**metrics, "loss": loss}
+
+
+def state_check(graphdef, stage: Stage, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+  """What a state must pass to be saved: ``loss`` on ``batch`` (forward only, with
+  ``eval_step``'s fixed key) and ``finite``, whether every float of its parameters and
+  optimizer state is finite."""
+  floats = [x for x in jax.tree.leaves((state.params, state.opt_state)) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
+  return {"loss": eval_step(graphdef, stage, state, batch)["loss"], "finite": finite}

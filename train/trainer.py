@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -27,7 +28,7 @@ from metamorph import checkpoint, sharding
 from metamorph.data.packing import PIPELINE_REASONS
 from metamorph.model_folder import MODEL_DIR
 from train import data, metrics, model_init, optimizer, stages, tuning
-from train.step import TrainState, eval_step, train_step
+from train.step import TrainState, eval_step, state_check, train_step
 
 
 class TrainingError(RuntimeError):
@@ -200,26 +201,28 @@ def evaluate(s: Setup, eval_fn, state: TrainState) -> dict[str, float]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint; returns the
-  last logged metrics."""
+  """Trains ``config`` in ``workdir``, resuming from its newest intact checkpoint (see
+  ``metamorph.checkpoint``); returns the last logged metrics."""
   s = make_setup(config)
   c = config
-  mgr = checkpoint.manager(workdir, keep=c.train.keep_checkpoints, async_save=c.train.async_checkpoints)
-  train_iter = batches(s, s.data.train_split, seed=c.seed)
-  if mgr.latest_step() is not None:
-    state, _, step = checkpoint.restore(mgr, checkpoint.abstract_like(s.abstract_state, s.shardings),
-                                        train_iter)
-    print(f"resumed from {workdir}/checkpoints/{step}")
-  else:
-    state = initial_state(s)  # outside the mesh context: host-side loading sees no mesh
-  step_fn = jax.jit(functools.partial(train_step, s.graphdef, s.stage, s.tx, s.schedule, c.train.micro_batches),
-                    out_shardings=(s.shardings, None), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, s.graphdef, s.stage))
-  with jax.set_mesh(s.mesh):  # activation constraints (sharding.constrain) read it while tracing
-    return _loop(s, workdir, mgr, state, train_iter, step_fn, eval_fn)
+  with checkpoint.Checkpoints(workdir, keep=c.train.keep_checkpoints, async_save=c.train.async_checkpoints,
+                              strict=c.train.strict_checkpoints) as ckpt:
+    train_iter = batches(s, s.data.train_split, seed=c.seed)
+    restored = ckpt.restore(checkpoint.abstract_like(s.abstract_state, s.shardings), train_iter)
+    if restored is not None:
+      state, _, step = restored
+      print(f"resumed from {workdir}/checkpoints/{step}")
+    else:
+      state = initial_state(s)  # outside the mesh context: host-side loading sees no mesh
+    step_fn = jax.jit(functools.partial(train_step, s.graphdef, s.stage, s.tx, s.schedule, c.train.micro_batches),
+                      out_shardings=(s.shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, s.graphdef, s.stage))
+    check_fn = jax.jit(functools.partial(state_check, s.graphdef, s.stage))
+    with jax.set_mesh(s.mesh):  # activation constraints (sharding.constrain) read it while tracing
+      return _loop(s, workdir, ckpt, state, train_iter, step_fn, eval_fn, check_fn)
 
 
-def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[str, Any]:
+def _loop(s: Setup, workdir, ckpt, state, train_iter, step_fn, eval_fn, check_fn) -> dict[str, Any]:
   c = s.config
   writer = metrics.MetricsWriter(workdir)
   stop = _StopSignal()
@@ -238,7 +241,8 @@ def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[s
       if "dropped" in local:
         dropped += local["dropped"].sum(0)
       tokens, slots, images = _batch_counts(local)
-      state, out = step_fn(state, data.global_batch(local, s.mesh))
+      batch = data.global_batch(local, s.mesh)
+      state, out = step_fn(state, batch)
       window["tokens"] += tokens * jax.process_count()
       window["slots"] += slots * jax.process_count()
       window["images"] += images * jax.process_count()
@@ -248,7 +252,7 @@ def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[s
         _write_samples(s, state, local, os.path.join(workdir, "samples", f"step_{done:07d}.png"))
       if done % c.train.log_every == 0 or done == c.train.steps:
         out = jax.device_get(out)
-        _check_finite(float(out["loss"]), done, workdir, mgr)
+        _check_finite(float(out["loss"]), done, workdir, ckpt)
         last = _log(writer, bar, done, out, window, peak, dropped)
       bar.update(1)
       if c.train.eval_every and done % c.train.eval_every == 0:
@@ -256,20 +260,34 @@ def _loop(s: Setup, workdir, mgr, state, train_iter, step_fn, eval_fn) -> dict[s
       due = c.train.checkpoint_every and done % c.train.checkpoint_every == 0
       stopping = stop.agreed(done, c.train.log_every)
       if due or done == c.train.steps or stopping:
-        _check_finite(float(jax.device_get(out["loss"])), done, workdir, mgr)
-        checkpoint.save(mgr, done, state, meta, train_iter)
+        _check_finite(float(jax.device_get(out["loss"])), done, workdir, ckpt)
+        _check_saved_state(jax.device_get(check_fn(state, batch)), done, workdir, ckpt)
+        ckpt.save(done, state, meta, train_iter)
       if stopping:
         print(f"\nstopping on signal {stopping}: checkpoint {done} saved in {workdir}")
         break
-    mgr.wait_until_finished()
+    ckpt.wait()
     if int(jax.device_get(state.step)) == c.train.steps:
       _export(s, state, workdir)
-  finally:
-    bar.close()
-    writer.close()
-    stop.restore()
-    mgr.close()
+  except BaseException as e:
+    _close_after_error(bar.close, writer.close, stop.restore)  # the error on its way says what went wrong
+    if isinstance(e, OSError) and checkpoint.is_disk_full(e):  # metrics, samples or the export: say what to do
+      raise ckpt.full_disk_error(f"writing {e.filename or 'the run'} failed") from e
+    raise
+  bar.close()
+  writer.close()
+  stop.restore()
   return last
+
+
+def _close_after_error(*closers) -> None:
+  """Calls each of the loop's closers, logging (not raising) what fails: on a full disk the
+  metrics writer cannot flush either, and its error would hide the one that stopped the run."""
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001
+      logging.warning("%s after an error: %s", getattr(close, "__qualname__", close), e)
 
 
 def _batch_counts(local: dict[str, np.ndarray]) -> tuple[int, int, int]:
@@ -301,12 +319,24 @@ def _write_samples(s: Setup, state: TrainState, local: dict[str, np.ndarray], pa
   s.stage.sample(nnx.merge(s.graphdef, state.params, state.frozen), local, path)
 
 
-def _check_finite(loss: float, step: int, workdir: str, mgr) -> None:
+def _check_finite(loss: float, step: int, workdir: str, ckpt, what: str = "") -> None:
   if not np.isfinite(loss):
     raise TrainingError(
-        f"the loss is {loss} at step {step}; stopping without saving. The last good checkpoint "
-        f"(step {mgr.latest_step()}) is kept in {workdir}/checkpoints. Lower config.optim.lr or "
+        f"the loss is {loss} at step {step}{what}; stopping without saving. The last good checkpoint "
+        f"(step {ckpt.latest_step()}) is kept in {workdir}/checkpoints. Lower config.optim.lr or "
         "raise config.optim.warmup_frac, or check the data.")
+
+
+def _check_saved_state(check: dict, step: int, workdir: str, ckpt) -> None:
+  """Only a known-good state is saved: the logged loss is that of the weights *before* a
+  step's update, so the state after it is checked (``train.step.state_check``) before it is
+  written: finite parameters and optimizer state, a finite loss on the batch just used."""
+  if not bool(check["finite"]):
+    raise TrainingError(
+        f"the parameters or optimizer state are not finite after step {step}; stopping without saving. "
+        f"The last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}/checkpoints. Lower "
+        "config.optim.lr or raise config.optim.warmup_frac, or check the data.")
+  _check_finite(float(check["loss"]), step, workdir, ckpt, what=" (the updated state, on the batch just used)")
 
 
 def _log(writer, bar, step: int, out: dict, window: dict, peak, dropped) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import os
 import warnings
 from typing import Any
 
+import jinja2
 import numpy as np
 from flax import nnx
 
@@ -57,6 +58,7 @@ def load(path: str, visualizer: Any = None, *, route: str = "vpit") -> MetaMorph
     model, tokenizer = load_llm(folder)
   if tokenizer is None:
     raise ConversionError(f"{source}: ships no tokenizer; generation needs one")
+  _check_chat_template(tokenizer, folder)
   if isinstance(visualizer, (str, os.PathLike)):
     trained = load_visualizer_model(os.fspath(visualizer))
     if kind == model_folder.METAMORPH and model.vision is not None:
@@ -74,9 +76,24 @@ def load_visualizer_model(path: str):
 def _resolve(entry: str, checkpoint: str, folder: str) -> str | None:
   """A path from a checkpoint's meta: as given (relative to the working directory),
   else relative to the checkpoint; None when neither exists."""
+  if not isinstance(entry, str):
+    raise ConversionError(f"{folder}/config.json: 'visualizer' is {entry!r}, not a path; set it to the "
+                          "visualizer's workdir or folder, or remove it")
   candidates = [entry] if os.path.isabs(entry) else [entry, os.path.join(checkpoint, entry),
                                                      os.path.join(folder, entry)]
   return next((c for c in candidates if os.path.exists(c)), None)
+
+
+def _check_chat_template(tokenizer, folder: str) -> None:
+  """Raises ``ConversionError`` now, not at the first prompt, when the tokenizer's chat
+  template does not render a one-message conversation (a damaged template file)."""
+  if not getattr(tokenizer, "chat_template", None):
+    return
+  try:
+    tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+  except jinja2.TemplateError as e:
+    raise ConversionError(f"{folder}: the tokenizer's chat template does not render ({type(e).__name__}: {e}); "
+                          "repair or remove chat_template.jinja (or tokenizer_config.json's chat_template)") from e
 
 
 def _token_params(tower: nnx.Module) -> dict[str, np.ndarray]:

@@ -3,16 +3,26 @@
 
 Each split file is JSONL (one record per line) or a JSON list, in the MetaMorph /
 LLaVA format (see ``metamorph.data.records``); image paths are relative to
-``--images``. Bad records are skipped and counted by reason (printed at the end
-and stored with the dataset); ``--strict`` stops at the first one instead.
+``--images`` and must stay inside it (``..``, absolute paths and symlinks that lead
+out are dropped as image_outside_root unless --allow-images-outside-root); an image
+of more than --max-pixels pixels is dropped (image_too_large) before it is decoded.
+Every line is kept or dropped for one reason (a byte that is not UTF-8 costs only
+its line); the counts by reason are printed at the end and stored with the dataset.
+``--strict`` stops at the first bad record instead, naming FILE:LINE and the reason.
 Train on it with ``--config.data.data_dir=DATA_DIR --config.data.name=NAME``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 
-from metamorph.data.records import RecordError
+from PIL import Image
+
+from metamorph.data.images import MAX_PIXELS
+from metamorph.data.records import MAX_LINE_BYTES, RecordError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,7 +35,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="a split and its .jsonl/.json file; repeat for several splits")
   parser.add_argument("--version", default="1.0.0", help="dataset version (default 1.0.0)")
   parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
+  parser.add_argument("--allow-images-outside-root", action="store_true",
+                      help="open image paths that lead outside --images (.., absolute paths, symlinks)")
+  parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                      help=f"drop images of more than N pixels, read from their header (default {MAX_PIXELS}; "
+                           "0: no limit)")
+  parser.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES, metavar="N",
+                      help=f"drop JSONL lines longer than N bytes unread (default {MAX_LINE_BYTES})")
   args = parser.parse_args(argv)
+  if args.max_pixels < 0 or args.max_line_bytes < 1:
+    parser.error("--max-pixels must be >= 0 and --max-line-bytes >= 1")
   try:
     args.splits = dict(item.split("=", 1) for item in args.split)
   except ValueError:
@@ -33,13 +52,33 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+@contextlib.contextmanager
+def _our_pixel_limit_decides(max_pixels: int) -> Iterator[None]:
+  """While building, PIL's process-wide bomb limit follows --max-pixels: PIL neither
+  refuses an image the flag allows nor warns about one the flag drops anyway
+  (image_too_large, counted). Restored afterwards."""
+  saved = Image.MAX_IMAGE_PIXELS
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      if not max_pixels:
+        Image.MAX_IMAGE_PIXELS = None
+      elif saved is not None:
+        Image.MAX_IMAGE_PIXELS = max(saved, max_pixels)
+      yield
+  finally:
+    Image.MAX_IMAGE_PIXELS = saved
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   from metamorph.data.tfds_builder import build_dataset  # slow import: tensorflow_datasets, after --help
   try:
-    counts = build_dataset(args.name, args.splits, args.images, args.out, strict=args.strict,
-                           version=args.version)
-  except (RecordError, FileExistsError, FileNotFoundError) as e:
+    with _our_pixel_limit_decides(args.max_pixels):
+      counts = build_dataset(args.name, args.splits, args.images, args.out, strict=args.strict,
+                             version=args.version, allow_images_outside_root=args.allow_images_outside_root,
+                             max_pixels=args.max_pixels or None, max_line_bytes=args.max_line_bytes)
+  except (RecordError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   kept = sum(c.kept for c in counts.values())

@@ -15,14 +15,36 @@ from PIL import Image
 
 from metamorph.data.records import RecordError
 
+MAX_PIXELS = 50_000_000  # an image with more pixels is dropped before it is decoded (image_too_large)
+
+
+def resolve_image(root: str, path: str, where: str = "", *, allow_outside_root: bool = False) -> str:
+  """``path`` (relative to the folder ``root``) as a real path inside ``root``.
+
+  Raises ``RecordError('image_outside_root')``, touching no file, when the path
+  leaves ``root``: ``..``, an absolute path, or a symlink whose target is outside
+  (symlinks are resolved). ``allow_outside_root`` returns such a path instead.
+  """
+  real_root = os.path.realpath(root)
+  target = os.path.realpath(os.path.join(real_root, path))
+  if not allow_outside_root and os.path.commonpath([real_root, target]) != real_root:
+    raise RecordError("image_outside_root", f"{path!r} resolves to {target}, outside the image folder "
+                                            f"{real_root}; move it inside, or allow it explicitly "
+                                            "(--allow-images-outside-root)", where)
+  return target
+
 
 def read_image_bytes(path: str, where: str = "") -> bytes:
-  """The file's encoded bytes; raises ``RecordError('missing_image')``."""
+  """The file's encoded bytes; raises ``RecordError('missing_image')`` for a path
+  that does not exist (or is a folder) and ``'unreadable_image'`` for any other
+  failure to read it (permissions, an I/O error, a name the system refuses)."""
   try:
     with open(path, "rb") as f:
       return f.read()
   except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
     raise RecordError("missing_image", f"{path} ({e.strerror})", where) from e
+  except (OSError, ValueError) as e:
+    raise RecordError("unreadable_image", f"{path} ({type(e).__name__}: {e})", where) from e
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -34,11 +56,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def load_image(path_or_bytes: str | os.PathLike | bytes, where: str = "") -> Image.Image:
+def load_image(path_or_bytes: str | os.PathLike | bytes, where: str = "", *,
+               max_pixels: int | None = MAX_PIXELS) -> Image.Image:
   """Decodes an image file (a path) or its encoded bytes to an RGB ``PIL.Image``.
 
-  Raises ``RecordError('missing_image')`` for a path that does not exist and
-  ``RecordError('corrupt_image')`` for anything that does not decode completely.
+  Raises ``RecordError``: ``'missing_image'`` / ``'unreadable_image'`` for a path
+  that does not exist / cannot be read (``read_image_bytes``); ``'image_too_large'``
+  when the header's width x height exceeds ``max_pixels`` (None: no limit of ours),
+  checked before any pixel is decoded, or when PIL refuses the image as a
+  decompression bomb (``PIL.Image.MAX_IMAGE_PIXELS``, a process-wide limit that
+  still applies above ours); ``'corrupt_image'`` for anything that does not decode
+  completely (a truncated file included).
   """
   if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
     data, name = bytes(path_or_bytes), f"{len(path_or_bytes)} bytes"
@@ -46,9 +74,17 @@ def load_image(path_or_bytes: str | os.PathLike | bytes, where: str = "") -> Ima
     name = os.fspath(path_or_bytes)
     data = read_image_bytes(name, where)
   try:
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data)) as image:  # reads the header only
+      width, height = image.size
+      if max_pixels is not None and width * height > max_pixels:
+        raise RecordError("image_too_large", f"{name}: {width} x {height} = {width * height} pixels > "
+                                             f"max_pixels {max_pixels}; shrink it or raise the limit", where)
       image.load()
       return _to_rgb(image)
+  except RecordError:
+    raise
+  except Image.DecompressionBombError as e:
+    raise RecordError("image_too_large", f"{name}: {e}", where) from e
   except Exception as e:  # noqa: BLE001 - any decoding failure of user bytes is a corrupt image
     raise RecordError("corrupt_image", f"{name}: {type(e).__name__}: {e}", where) from e
 

@@ -22,6 +22,7 @@ string features come back as ``bytes``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -32,8 +33,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from metamorph.data.images import load_image, read_image_bytes
-from metamorph.data.records import DropCounts, Record, RecordError, read_records
+from metamorph.data.images import MAX_PIXELS, load_image, read_image_bytes, resolve_image
+from metamorph.data.records import MAX_LINE_BYTES, DropCounts, Record, RecordError, count_lines, read_records
 
 FEATURES = tfds.features.FeaturesDict({
     "id": tfds.features.Text(),
@@ -43,11 +44,22 @@ FEATURES = tfds.features.FeaturesDict({
 })
 
 
-def _checked_image(path: str, where: str) -> bytes:
-  """The encoded bytes of an image that exists and decodes (decoded once, then discarded)."""
-  data = read_image_bytes(path, where)
-  load_image(data, where)
-  return data
+@dataclasses.dataclass(frozen=True)
+class ImagePolicy:
+  """Where a build's images may be and how large: paths resolve inside ``root``
+  (else ``image_outside_root``, unless ``allow_outside_root``); more than
+  ``max_pixels`` pixels is ``image_too_large`` (None: no limit of ours)."""
+  root: str
+  allow_outside_root: bool = False
+  max_pixels: int | None = MAX_PIXELS
+
+  def read(self, path: str, where: str) -> bytes:
+    """The encoded bytes of an image that is allowed, exists and decodes (decoded
+    once, then discarded); ``RecordError`` otherwise."""
+    data = read_image_bytes(resolve_image(self.root, path, where, allow_outside_root=self.allow_outside_root),
+                            where)
+    load_image(data, where, max_pixels=self.max_pixels)
+    return data
 
 
 def _example(record: Record, images: list[bytes]) -> dict[str, Any]:
@@ -57,28 +69,25 @@ def _example(record: Record, images: list[bytes]) -> dict[str, Any]:
           "extra": json.dumps(dict(record.extra), ensure_ascii=False)}
 
 
-def _count_entries(path: str) -> int | None:
-  """Non-empty lines of a .jsonl file (the progress bar's total); None for .json."""
-  if path.endswith(".json"):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return sum(1 for line in f if line.strip())
-
-
-def _examples(split: str, path: str, image_root: str, counts: DropCounts,
-              strict: bool) -> Iterator[tuple[str, dict[str, Any]]]:
-  """(key, example) for each usable record; bad ones counted (or raised when strict)."""
-  with tqdm(total=_count_entries(path), desc=f"{split}: {os.path.basename(path)}", unit=" records") as bar:
-    for where, record in read_records(path, strict=strict, counts=counts):
+def read_examples(path: str, images: ImagePolicy, counts: DropCounts, *, strict: bool = False,
+                  max_line_bytes: int = MAX_LINE_BYTES,
+                  progress: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+  """(``file:line``, example) for each record a build stores: ``read_records``, then
+  each image through ``images``. Every line ends up yielded (``counts.kept``) or
+  counted under one reason, so ``counts.kept + counts.dropped == count_lines(path)``;
+  ``strict``: the first bad record raises ``RecordError`` naming ``file:line``.
+  ``progress``: a progress bar's label (None: no bar)."""
+  with tqdm(total=count_lines(path), desc=progress, unit=" records", disable=progress is None) as bar:
+    for where, record in read_records(path, strict=strict, counts=counts, max_line_bytes=max_line_bytes):
       try:
-        images = [_checked_image(os.path.join(image_root, p), where) for p in record.images]
+        encoded = [images.read(p, where) for p in record.images]
       except RecordError as e:
         if strict:
           raise
         counts.add(e.reason)
       else:
         counts.kept += 1
-        yield where, _example(record, images)
+        yield where, _example(record, encoded)
       _progress(bar, counts)
     _progress(bar, counts)
 
@@ -111,18 +120,28 @@ class _RecordsBuilder(tfds.dataset_builders.AdhocBuilder, skip_registration=True
 
 
 def build_dataset(name: str, splits: Mapping[str, str], image_root: str, data_dir: str, *,
-                  strict: bool = False, version: str = "1.0.0") -> dict[str, DropCounts]:
+                  strict: bool = False, version: str = "1.0.0", allow_images_outside_root: bool = False,
+                  max_pixels: int | None = MAX_PIXELS,
+                  max_line_bytes: int = MAX_LINE_BYTES) -> dict[str, DropCounts]:
   """Builds ``<data_dir>/<name>/<version>`` from ``splits`` (split -> .jsonl/.json path).
 
-  Every record is validated and each image opened and decoded once; bad records
-  are skipped and counted by reason (``strict``: the first raises ``RecordError``
-  naming ``file:line`` and the reason). Prints and stores the counts per split.
-  Raises ``FileExistsError`` if that version was already built.
+  Every line is kept or counted under one reason (``records.read_records``); each
+  image path must resolve inside ``image_root`` (unless ``allow_images_outside_root``),
+  have at most ``max_pixels`` pixels (read from its header) and decode; it is opened
+  and decoded once. Bad records are skipped and counted by reason (``strict``: the
+  first raises ``RecordError`` naming ``file:line`` and the reason). Prints and
+  stores the counts per split. Raises ``FileExistsError`` if that version was
+  already built, ``OSError`` for a split file that cannot be read.
   """
   if os.path.exists(os.path.join(data_dir, name, version, "dataset_info.json")):
     raise FileExistsError(f"{os.path.join(data_dir, name, version)} exists; delete it or bump the version")
+  for split, path in splits.items():
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path} (split {split!r}): no such file")
   counts = {split: DropCounts() for split in splits}
-  generators = {split: _examples(split, path, image_root, counts[split], strict)
+  images = ImagePolicy(image_root, allow_images_outside_root, max_pixels)
+  generators = {split: read_examples(path, images, counts[split], strict=strict, max_line_bytes=max_line_bytes,
+                                     progress=f"{split}: {os.path.basename(path)}")
                 for split, path in splits.items()}
   builder = _RecordsBuilder(name=name, version=version, features=FEATURES, split_datasets=generators,
                             data_dir=data_dir, drop_counts=counts,

@@ -15,12 +15,12 @@ import sys
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from train.config_errors import define_config_file, parse_flags
 from train.demo import machine, report
 from train.demo.workflow import DEMO_STAGES, build_world, preset, timed, train_stage
 
-config_flags.DEFINE_config_file("config", "configs/demo.py", "demo config (configs/demo.py)", lock_config=True)
+define_config_file("config", "configs/demo.py", "demo config (configs/demo.py)")
 FLAGS = flags.FLAGS
 
 
@@ -58,4 +58,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -28,6 +28,7 @@ from metamorph.shapes.mix import resolve_mix
 from metamorph.shapes.scene import DEFAULT_SIZE, normalize_holdout
 from metamorph.shapes.world import WORLD_FILE, write_world
 from train import stages
+from train.config_errors import ConfigError, check_fields, error_text
 from train.defaults import base_config
 
 # The demo's stages in training order (names of the stage registry, train.stages); each trains
@@ -67,13 +68,23 @@ def preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str, stage: str) -> ml_collections.ConfigDict:
-  """``get_config(stage)`` of the config file at ``path``."""
+  """``get_config(stage)`` of the config file at ``path``, locked (setting a field it lacks
+  raises). A ``ConfigError`` (a ValueError) names the file when it is not a config file or
+  sets a field ``train.defaults.base_config()`` does not have (with the nearest names)."""
   spec = importlib.util.spec_from_file_location("_stage_config", path)
   if spec is None or not os.path.isfile(path):
-    raise ValueError(f"config.stage_config: {path} is not a config file")
+    raise ConfigError(f"config.stage_config: {path} is not a config file")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(stage)
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"config.stage_config: {path} has no get_config(stage)")
+  try:
+    config = module.get_config(stage)
+  except (AttributeError, TypeError) as e:  # a field it lacks, a get_config without a stage argument
+    raise ConfigError(f"config.stage_config: {path}: get_config({stage!r}) failed: {error_text(e)}") from e
+  check_fields(config, base_config(), f"{path}:{stage}", "train.defaults.base_config()")
+  config.lock()
+  return config
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: str, root: str | None = None,

@@ -11,13 +11,13 @@ from metamorph.models.visualizer.config import (ADAPTERS, BETA_SCHEDULES, MODES,
                                                 SD15_VAE, VisualizerConfig, VisualizerModelConfig)
 from metamorph.models.visualizer.diffusers_modules import SAMPLERS, scheduler
 from metamorph.models.visualizer.draft import DraftDecoder
-from metamorph.models.visualizer.model import Condition, Visualizer, VisualizerModel
+from metamorph.models.visualizer.model import Condition, Visualizer, VisualizerModel, diffusion_targets
 from metamorph.models.visualizer.rendering import encode_tokens, images_to_unit, reconstruct, render, to_uint8
 from metamorph.models.visualizer.sampling import check_sampling, denoise, strength_steps
 
 __all__ = [
     "ADAPTERS", "BETA_SCHEDULES", "MODES", "PREDICTION_TYPES", "SAMPLERS", "SD15_UNET", "SD15_VAE",
     "Condition", "DraftDecoder", "MlpAdapter", "Resampler", "Visualizer", "VisualizerConfig",
-    "VisualizerModel", "VisualizerModelConfig", "check_sampling", "denoise", "encode_tokens",
+    "VisualizerModel", "VisualizerModelConfig", "check_sampling", "denoise", "diffusion_targets", "encode_tokens",
     "images_to_unit", "reconstruct", "render", "scheduler", "strength_steps", "to_uint8",
 ]

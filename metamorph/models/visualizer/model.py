@@ -71,6 +71,19 @@ class Condition(NamedTuple):
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b.astype(a.dtype)]), self, other)
 
 
+def diffusion_targets(config: VisualizerConfig, x0: jax.Array, noise: jax.Array,
+                      t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """DDPM's forward process and the training target, as diffusers' ``DDPMScheduler`` has them
+  (``add_noise``, ``get_velocity``; tests/test_diffusion_targets.py holds them equal): with
+  a_t = ``alphas_cumprod(config.schedule)[t]``, the noised sample x_t = sqrt(a_t) x0 +
+  sqrt(1 - a_t) noise and the target, ``noise`` (epsilon) or v = sqrt(a_t) noise - sqrt(1 - a_t) x0
+  (v_prediction). x0, noise [B, ...] float32 (NCHW), t [B] int in [0, num_train_timesteps)."""
+  a = alphas_cumprod(config.schedule)[t].reshape(-1, *(1,) * (x0.ndim - 1))
+  x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+  target = noise if config.prediction_type == "epsilon" else jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
+  return x_t, target
+
+
 class Visualizer(nnx.Module):
   """Adapter + diffusers UNet (+ frozen VAE in latent mode). See the module docstring."""
 
@@ -233,9 +246,7 @@ class Visualizer(nnx.Module):
     b = x0.shape[0]
     t = jax.random.randint(k_t, (b,), 0, c.num_train_timesteps)
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    a = alphas_cumprod(c.schedule)[t][:, None, None, None]
-    x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
-    target = noise if c.prediction_type == "epsilon" else jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
+    x_t, target = diffusion_targets(c, x0, noise, t)
     cond, draft = self._condition(tokens)
     dropout = unet_field(c.unet, "dropout") > 0
     pred = self.predict(x_t, t, self._drop(cond, k_drop), train=dropout, rng=k_dropout)

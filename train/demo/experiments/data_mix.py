@@ -19,12 +19,12 @@ import sys
 
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from train.config_errors import define_config_file, parse_flags
 from train.demo import report, workflow
 from train.demo.report import percent
 
-config_flags.DEFINE_config_file("config", "configs/demo.py", "demo config (configs/demo.py)", lock_config=True)
+define_config_file("config", "configs/demo.py", "demo config (configs/demo.py)")
 FLAGS = flags.FLAGS
 
 # name -> (task mix of metamorph.shapes.mix.resolve_mix, what it stands for)
@@ -115,4 +115,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
