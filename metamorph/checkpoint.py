@@ -280,6 +280,8 @@ class Checkpoints:
 
   def _save_error(self, error: Exception) -> CheckpointError:
     self._failed = True
+    # the failed save's other writes stay unawaited: Python would warn of each as the run exits
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     if is_disk_full(error):
       return self.full_disk_error(f"checkpoint {self._saving} could not be written")
     first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
@@ -419,7 +421,9 @@ def abandoned_orbax_work_collected():
   try:
     yield
   finally:
-    gc.collect()
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+      gc.collect()
     sys.unraisablehook = previous
     log.setLevel(level)
 
