@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -89,8 +90,11 @@ def test_damage_is_named_and_the_previous_step_restored(kind, target, trained, t
   step_dir = os.path.join(folder, "checkpoints", str(STEPS))
   rel = step_files(step_dir)["array_data"][0] if target == "array_data" else target
   DAMAGES[kind](os.path.join(step_dir, rel), np.random.default_rng(0))
-  with pytest.warns(checkpoint.CheckpointWarning, match=rf"checkpoints/{STEPS} is damaged: .*{rel}.*trying step {EVERY}"):
+  with pytest.warns(checkpoint.CheckpointWarning) as caught:
     got = _restore(trained, folder)
+  damaged, moved = (str(w.message) for w in caught)
+  assert re.search(rf"checkpoints/{STEPS} is damaged: {re.escape(rel)} .*; trying step {EVERY}$", damaged), damaged
+  assert moved.endswith(f"checkpoints/{STEPS} to {folder}/{checkpoint.DAMAGED}/{STEPS}; delete it when done with it")
   assert got[0] == EVERY and _same(got, trained.saved[EVERY]), "the intact step before it, exactly"
   assert sorted(os.listdir(os.path.join(folder, "checkpoints"))) == [str(EVERY)]
   assert os.path.isdir(os.path.join(folder, checkpoint.DAMAGED, str(STEPS), "state")), "set aside, for a look"

@@ -192,3 +192,12 @@ def test_image_caption_pairs_by_the_record_format():
   assert caption_of([b"png"], [("user", "Draw a cat."), ("assistant", "Here: <image>")]) is None  # generated
   assert caption_of([b"png"], [("user", "Hi"), ("assistant", "Hello"), ("user", "<image>"),
                                ("assistant", "A dog.")]) is None                                # not the first turn
+
+
+def test_a_dtype_and_a_data_dir_that_do_not_exist_are_named(tiny_world, tmp_path):
+  config = tiny_config("siglip", tiny_world, **{"model.dtype": "float99"})
+  with pytest.raises(trainer.TrainingError, match=r"config.model.dtype is 'float99'; use one of float32"):
+    trainer.make_setup(config)
+  config = tiny_config("siglip", tiny_world, **{"data.data_dir": str(tmp_path / "nowhere")})
+  with pytest.raises(trainer.TrainingError, match=r"config.data.data_dir: .*nowhere is not a folder"):
+    trainer.run(config, str(tmp_path / "run"))

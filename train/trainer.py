@@ -31,6 +31,9 @@ from train import data, metrics, model_init, optimizer, stages, tuning
 from train.step import TrainState, eval_step, state_check, train_step
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # what config.model.dtype / param_dtype may name
+
+
 class TrainingError(RuntimeError):
   """The run cannot go on (bad config, non-finite loss, ...)."""
 
@@ -74,6 +77,9 @@ def validate(config: ml_collections.ConfigDict) -> tuple[stages.Stage, tuning.Tu
     raise TrainingError(f"config.data.open_rows must be >= 1 (1: greedy packing), got {config.data.open_rows}")
   if config.mesh.cpu_devices < 0:
     raise TrainingError(f"config.mesh.cpu_devices must be >= 0 (0: JAX's default), got {config.mesh.cpu_devices}")
+  for name in ("dtype", "param_dtype"):
+    if config.model[name] not in DTYPES:
+      raise TrainingError(f"config.model.{name} is {config.model[name]!r}; use one of {', '.join(DTYPES)}")
   return stage, mode
 
 
@@ -207,6 +213,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   c = config
   with checkpoint.Checkpoints(workdir, keep=c.train.keep_checkpoints, async_save=c.train.async_checkpoints,
                               strict=c.train.strict_checkpoints) as ckpt:
+    if "://" not in c.data.data_dir and not os.path.isdir(c.data.data_dir):
+      raise TrainingError(f"config.data.data_dir: {c.data.data_dir or '(empty)'} is not a folder; build the "
+                          "dataset with `python -m metamorph.data.build` and pass its --out folder")
     train_iter = batches(s, s.data.train_split, seed=c.seed)
     restored = ckpt.restore(checkpoint.abstract_like(s.abstract_state, s.shardings), train_iter)
     if restored is not None:
