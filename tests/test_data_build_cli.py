@@ -82,3 +82,36 @@ def test_strict_names_the_bad_byte_and_a_missing_split_file_is_one_line(tmp_path
                      f"train={tmp_path / 'nope.jsonl'}"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "nope.jsonl (split 'train'): no such file" in err and err.count("\n") == 1
+
+
+def test_the_build_limit_travels_to_training(tmp_path, capsys):
+  """A dataset built above the default pixel limit keeps its large images in training:
+  the pipelines decode stored images under the limit recorded at build time."""
+  from metamorph.data.images import MAX_PIXELS
+  from train import data
+  side = int(MAX_PIXELS ** 0.5) + 1  # just over the default limit; 1-bit, so the file is small
+  Image.new("1", (side, side), 1).save(tmp_path / "huge.png")
+  record = {"id": "h", "image": "huge.png", "conversations": [
+      {"from": "human", "value": "<image> What is it?"}, {"from": "gpt", "value": "White."}]}
+  (tmp_path / "train.jsonl").write_text(json.dumps(record) + "\n")
+  out = str(tmp_path / "out")
+  assert build.main(["--name", "mine", "--images", str(tmp_path), "--out", out,
+                     "--split", f"train={tmp_path / 'train.jsonl'}"]) == 2  # its only record dropped
+  assert "split 'train' (" in capsys.readouterr().err
+  Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
+  small = {**record, "id": "s", "image": "small.png"}
+  (tmp_path / "train.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(small) + "\n")
+  for version, flag in (("1.0.0", []), ("2.0.0", ["--max-pixels", "0"])):
+    assert build.main(["--name", "mine", "--images", str(tmp_path), "--out", out, "--version", version,
+                       "--split", f"train={tmp_path / 'train.jsonl'}", *flag]) == 0
+  assert [e["id"] for e in tfds_builder.open_source(out, "mine", "train", "1.0.0")] == [b"s"]  # image_too_large
+  assert tfds_builder.read_max_pixels(out, "mine", "1.0.0") == MAX_PIXELS
+  assert tfds_builder.read_max_pixels(out, "mine") is None  # the newest, 2.0.0
+  settings = data.DataSettings(data_dir=out, name="mine", weights="", train_split="train", eval_split="train",
+                               tokenizer="", image_size=16, seq_len=32, images_per_row=1, open_rows=1,
+                               text_len=8, num_threads=1, virtual_shards=1, strict=True, batch_size=1)
+  assert data.pixel_limit(settings) is None
+  batch = next(data.image_batches(settings, "train", seed=0, num_epochs=1))
+  assert batch["images"].shape == (1, 16, 16, 3)
+  white = [b for b in data.image_batches(settings, "train", seed=0, num_epochs=1) if (b["images"] == 1.0).all()]
+  assert len(white) == 1  # the huge image, decoded

@@ -187,3 +187,46 @@ def test_kill_mid_write_then_a_full_disk_keep_the_last_checkpoint(trained, tmp_p
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     gc.collect()
+
+
+def test_a_full_disk_under_the_metrics_is_one_error_in_the_caller(tmp_path):
+  """The metrics writer's TensorBoard file meets a full disk (/dev/full): ``write`` raises
+  ENOSPC in the caller, ``close`` once more, and the process exits with nothing else printed
+  (no background thread or exit hook retrying the flush)."""
+  import subprocess
+  import sys
+  code = ("import errno, sys\n"
+          "from train.metrics import MetricsWriter\n"
+          "w = MetricsWriter(sys.argv[1])\n"
+          "w._tb._py_recordio_writer._writer = open('/dev/full', 'wb')  # the disk is full from now on\n"
+          "for call in (lambda: w.write(1, {'loss': 1.0}), w.close):\n"
+          "  try:\n"
+          "    call()\n"
+          "  except OSError as e:\n"
+          "    print('ENOSPC' if e.errno == errno.ENOSPC else e)\n")
+  done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert (done.returncode, done.stdout, done.stderr) == (0, "ENOSPC\nENOSPC\n", "")
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert json.loads(f.read()) == {"loss": 1.0, "step": 1}  # the JSONL line was written before
+
+
+def test_a_format_1_manifest_still_verifies_and_still_finds_damage(trained, tmp_path):
+  """Steps sealed with format 1 (sha256 per file) verify; a flipped bit is still found."""
+  import hashlib
+  folder = _copy(trained, tmp_path)
+  step_dir = os.path.join(folder, "checkpoints", str(STEPS))
+  with open(os.path.join(step_dir, checkpoint.MANIFEST)) as f:
+    manifest = json.load(f)
+  assert manifest["format"] == "metamorph-checkpoint-integrity/2"
+  files = {}
+  for rel, (size, _) in manifest["files"].items():
+    with open(os.path.join(step_dir, rel), "rb") as f:
+      files[rel] = [size, hashlib.file_digest(f, "sha256").hexdigest()]
+  digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+  with open(os.path.join(step_dir, checkpoint.MANIFEST), "w") as f:
+    json.dump({"format": "metamorph-checkpoint-integrity/1", "step": STEPS, "files": files, "digest": digest}, f)
+  assert checkpoint.verify(step_dir, STEPS) is None
+  rel = step_files(step_dir)["array_data"][0]
+  DAMAGES["flip_bit"](os.path.join(step_dir, rel), np.random.default_rng(1))
+  assert checkpoint.verify(step_dir, STEPS) == f"{rel} differs from what was saved (checksum mismatch)"

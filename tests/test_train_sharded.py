@@ -6,7 +6,9 @@
 * two processes of 4 devices each (``jax.distributed`` on localhost, gloo collectives)
   log the same losses, and export the same model, as one process with 8 devices;
 * a run checkpointed on one device resumes on the 8-device mesh with the losses of an
-  uninterrupted one-device run.
+  uninterrupted one-device run;
+* two processes find their latest checkpoint damaged (one bit flipped), agree on it, set it
+  aside and resume from the one before, logging the metrics of the undamaged run.
 
 ``data.virtual_shards`` is fixed, so every run sees the same global batches. The runs
 start together (a module fixture) and each test waits for the ones it reads.
@@ -110,7 +112,7 @@ def _per_device_bytes(world: str) -> subprocess.CompletedProcess:
 def runs(tiny_world, tmp_path_factory):
   """Futures of every run of this module, started together."""
   root = tmp_path_factory.mktemp("sharded")
-  dirs = {name: str(root / name) for name in ("one", "mesh", "two", "resumed", "straight")}
+  dirs = {name: str(root / name) for name in ("one", "mesh", "two", "resumed", "straight", "damaged")}
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))  # more oversubscribes
   futures = {
       "two": pool.submit(_run_processes, _config(tiny_world, MESH), dirs["two"], 2, 4),
@@ -120,6 +122,7 @@ def runs(tiny_world, tmp_path_factory):
       "straight": pool.submit(run_train, _constant_lr(tiny_world, ONE_DEVICE, 2 * STEPS), dirs["straight"],
                               env=_env(1), timeout=TIMEOUT),
       "resumed": pool.submit(_resume_on_mesh, tiny_world, dirs["resumed"]),
+      "damaged": pool.submit(_resume_two_processes_past_damage, tiny_world, dirs["damaged"]),
   }
   yield futures, dirs
   pool.shutdown(wait=True)  # the runs time out by themselves
@@ -139,6 +142,21 @@ def _resume_on_mesh(world: str, workdir: str) -> subprocess.CompletedProcess:
   if first.returncode:
     return first
   return run_train(_constant_lr(world, MESH, 2 * STEPS), workdir, env=_env(8), timeout=TIMEOUT)
+
+
+def _resume_two_processes_past_damage(world: str, workdir: str):
+  """2 * STEPS steps as two processes (checkpoints STEPS and 2 * STEPS), one bit of the last
+  checkpoint's largest array file flipped, then the same command again: (codes, outputs) of
+  both runs."""
+  from tests.checkpoint_faults import flip_bit, step_files
+  config = _constant_lr(world, MESH, 2 * STEPS)
+  config.train.checkpoint_every = STEPS
+  first = _run_processes(config, workdir, 2, 4)
+  if first[0] != [0, 0]:
+    return first, None
+  last = os.path.join(workdir, "checkpoints", str(2 * STEPS))
+  flip_bit(os.path.join(last, step_files(last)["array_data"][0]), np.random.default_rng(0))
+  return first, _run_processes(config, workdir, 2, 4)
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:
@@ -222,3 +240,21 @@ def test_resume_on_another_mesh(runs):
   rel = _max_rel(straight, moved)
   print(f"max relative loss difference, resumed on 8 devices vs one device throughout: {rel:.3g}")
   assert rel <= RTOL, (straight, moved)
+
+
+def test_two_processes_agree_on_a_damaged_checkpoint_and_resume_before_it(runs):
+  futures, dirs = runs
+  first, second = futures["damaged"].result()
+  assert first[0] == [0, 0], "\n\n".join(o[-4000:] for o in first[1])
+  codes, outputs = second
+  assert codes == [0, 0], "\n\n".join(o[-4000:] for o in outputs)
+  folder = os.path.join(dirs["damaged"], "checkpoints")
+  assert f"checkpoint {folder}/{2 * STEPS} is damaged" in outputs[0], outputs[0][-4000:]
+  assert f"resumed from {folder}/{STEPS}" in outputs[0] and f"resumed from {folder}/{STEPS}" in outputs[1]
+  assert os.listdir(os.path.join(dirs["damaged"], "checkpoints_damaged")) == [str(2 * STEPS)]
+  with open(os.path.join(dirs["damaged"], "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  assert [r["step"] for r in rows] == [*range(1, 2 * STEPS + 1), *range(STEPS + 1, 2 * STEPS + 1)]
+  for before, again in zip(rows[STEPS:2 * STEPS], rows[2 * STEPS:]):
+    for key in LOSSES:
+      assert again[key] == before[key], (again["step"], key)  # the same computation, replayed

@@ -66,6 +66,14 @@ def sources(d: DataSettings, split: str):
   return list(zip(opened, weights))
 
 
+def pixel_limit(d: DataSettings) -> int | None:
+  """The largest image the datasets hold: the loosest of their build-time limits (None: no
+  limit). Stored images were checked at build time; readers decode them under this
+  limit, inside ``images.pil_limit_follows`` (the trainer enters it for the run)."""
+  limits = [tfds_builder.read_max_pixels(d.data_dir, n.strip()) for n in d.name.split(",") if n.strip()]
+  return None if None in limits else max(limits)
+
+
 def virtual_shards(d: DataSettings) -> tuple[range, int, int]:
   """(this process's virtual shards, their count, rows per shard and batch)."""
   b, n = d.batch_size, jax.process_count()
@@ -116,7 +124,8 @@ def vpit_batches(d: DataSettings, tokenizer, layout: TokenLayout, split: str,
       make_dataset(sources(d, split), tokenizer=tokenizer, layout=layout, image_size=d.image_size,
                    seq_len=d.seq_len, images_per_row=d.images_per_row, batch_size=rows, seed=seed,
                    num_epochs=num_epochs, shard_index=v, shard_count=k, strict=d.strict,
-                   read_threads=d.num_threads, open_rows=d.open_rows) for v in shards])
+                   read_threads=d.num_threads, open_rows=d.open_rows, max_pixels=pixel_limit(d))
+      for v in shards])
 
 
 def caption_of(images: list, turns: list[tuple[str, str]]) -> str | None:
@@ -137,8 +146,9 @@ class _CaptionPair:
   """Stored example -> {"images" [H, W, 3], "text_ids" [L]} for an image-caption pair
   (``caption_of``), else None."""
 
-  def __init__(self, tokenizer, image_size: int, text_len: int):
+  def __init__(self, tokenizer, image_size: int, text_len: int, max_pixels: int | None):
     self.tokenizer, self.image_size, self.text_len = tokenizer, image_size, text_len
+    self.max_pixels = max_pixels
 
   def __call__(self, example):
     caption = caption_of(example["images"], json.loads(_text(example["conversations"])))
@@ -146,7 +156,7 @@ class _CaptionPair:
       return None
     ids = self.tokenizer.encode(caption, add_special_tokens=False)[: self.text_len]
     ids = ids + [self.tokenizer.pad_token_id] * (self.text_len - len(ids))
-    image = preprocess(load_image(example["images"][0]), self.image_size)
+    image = preprocess(load_image(example["images"][0], max_pixels=self.max_pixels), self.image_size)
     return {"images": image, "text_ids": np.asarray(ids, np.int32)}
 
 
@@ -160,7 +170,7 @@ def caption_pairs(d: DataSettings, tokenizer, split: str, *, seed: int,
   shards, k, rows = virtual_shards(d)
   def one(v: int) -> grain.IterDataset:
     pairs = examples(sources(d, split), seed=seed, num_epochs=num_epochs, shard_index=v,
-                     shard_count=k).map(_CaptionPair(tokenizer, d.image_size, d.text_len))
+                     shard_count=k).map(_CaptionPair(tokenizer, d.image_size, d.text_len, pixel_limit(d)))
     ds = pairs.to_iter_dataset(grain.ReadOptions(num_threads=d.num_threads)).filter(
         lambda x: x is not None)
     # A mixed split holds other records too; skipping them is intended.
@@ -173,11 +183,12 @@ def caption_pairs(d: DataSettings, tokenizer, split: str, *, seed: int,
 class _Images:
   """Stored example -> its images, preprocessed: float32 [n, H, W, 3] in [-1, 1]."""
 
-  def __init__(self, image_size: int):
-    self.image_size = image_size
+  def __init__(self, image_size: int, max_pixels: int | None):
+    self.image_size, self.max_pixels = image_size, max_pixels
 
   def __call__(self, example) -> list[np.ndarray]:
-    return [preprocess(load_image(data), self.image_size) for data in example["images"]]
+    return [preprocess(load_image(data, max_pixels=self.max_pixels), self.image_size)
+            for data in example["images"]]
 
 
 class _EachImage(grain.experimental.FlatMapTransform):
@@ -192,7 +203,7 @@ def image_batches(d: DataSettings, split: str, *, seed: int, num_epochs: int | N
   shards, k, rows = virtual_shards(d)
   def one(v: int) -> grain.IterDataset:
     images = examples(sources(d, split), seed=seed, num_epochs=num_epochs, shard_index=v,
-                      shard_count=k).map(_Images(d.image_size))
+                      shard_count=k).map(_Images(d.image_size, pixel_limit(d)))
     ds = images.to_iter_dataset(grain.ReadOptions(num_threads=d.num_threads))
     return grain.experimental.FlatMapIterDataset(ds, _EachImage()).batch(rows, drop_remainder=True)
   return ShardedBatches([one(v) for v in shards])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -68,30 +69,41 @@ def unmodelled_flops(spec, state, seq_len: int) -> tuple[float, float]:
 
 
 class MetricsWriter:
-  """Appends metrics to ``metrics.jsonl`` and TensorBoard (process 0 only)."""
+  """Appends metrics to ``metrics.jsonl`` and a TensorBoard event file (process 0 only).
+
+  Both are written synchronously in the caller's thread, at each ``write``: a failure
+  (a full disk) is raised there, once, to the caller. No background thread or exit
+  hook is left to fail again (tensorboardX's ``SummaryWriter`` has both).
+  """
 
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(os.path.join(workdir, "tensorboard"), exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-    from tensorboardX import SummaryWriter  # slow import: tensorboardX (seconds), process 0 only
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    from tensorboardX import event_file_writer, summary  # slow import: tensorboardX (seconds), process 0 only
+    from tensorboardX.proto import event_pb2
+    self._summary, self._event = summary.scalar, event_pb2.Event
+    self._tb = event_file_writer.EventsWriter(os.path.join(workdir, "tensorboard", "events"))
 
   def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
     if not self.active:
       return
     values = {f"{prefix}{k}": _scalar(v) for k, v in metrics.items()}
     self._jsonl.write(json.dumps({"step": step, **values}, sort_keys=True) + "\n")
+    now = time.time()
     for name, value in values.items():
       if isinstance(value, (int, float)):
-        self._tb.add_scalar(name, value, step)
+        self._tb.write_event(self._event(wall_time=now, step=step, summary=self._summary(name, value)))
+    self._tb.flush()
 
   def close(self) -> None:
     if self.active:
-      self._jsonl.close()
-      self._tb.close()
+      try:
+        self._jsonl.close()
+      finally:
+        self._tb.close()
 
 
 def _scalar(value: Any) -> Any:

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from metamorph import checkpoint, sharding
+from metamorph.data import images
 from metamorph.data.packing import PIPELINE_REASONS
 from metamorph.model_folder import MODEL_DIR
 from train import data, metrics, model_init, optimizer, stages, tuning
@@ -211,11 +212,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ``metamorph.checkpoint``); returns the last logged metrics."""
   s = make_setup(config)
   c = config
+  if "://" not in c.data.data_dir and not os.path.isdir(c.data.data_dir):
+    raise TrainingError(f"config.data.data_dir: {c.data.data_dir or '(empty)'} is not a folder; build the "
+                        "dataset with `python -m metamorph.data.build` and pass its --out folder")
   with checkpoint.Checkpoints(workdir, keep=c.train.keep_checkpoints, async_save=c.train.async_checkpoints,
-                              strict=c.train.strict_checkpoints) as ckpt:
-    if "://" not in c.data.data_dir and not os.path.isdir(c.data.data_dir):
-      raise TrainingError(f"config.data.data_dir: {c.data.data_dir or '(empty)'} is not a folder; build the "
-                          "dataset with `python -m metamorph.data.build` and pass its --out folder")
+                              strict=c.train.strict_checkpoints) as ckpt, \
+       images.pil_limit_follows(data.pixel_limit(s.data)):  # the images passed this limit at build time
     train_iter = batches(s, s.data.train_split, seed=c.seed)
     restored = ckpt.restore(checkpoint.abstract_like(s.abstract_state, s.shardings), train_iter)
     if restored is not None:

@@ -14,14 +14,9 @@ Train on it with ``--config.data.data_dir=DATA_DIR --config.data.name=NAME``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import warnings
-from collections.abc import Iterator
 
-from PIL import Image
-
-from metamorph.data.images import MAX_PIXELS
+from metamorph.data.images import MAX_PIXELS, pil_limit_follows
 from metamorph.data.records import MAX_LINE_BYTES, RecordError
 
 
@@ -52,33 +47,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-@contextlib.contextmanager
-def _our_pixel_limit_decides(max_pixels: int) -> Iterator[None]:
-  """While building, PIL's process-wide bomb limit follows --max-pixels: PIL neither
-  refuses an image the flag allows nor warns about one the flag drops anyway
-  (image_too_large, counted). Restored afterwards."""
-  saved = Image.MAX_IMAGE_PIXELS
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      if not max_pixels:
-        Image.MAX_IMAGE_PIXELS = None
-      elif saved is not None:
-        Image.MAX_IMAGE_PIXELS = max(saved, max_pixels)
-      yield
-  finally:
-    Image.MAX_IMAGE_PIXELS = saved
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from metamorph.data.tfds_builder import build_dataset  # slow import: tensorflow_datasets, after --help
+  from metamorph.data.tfds_builder import EmptySplitError, build_dataset  # slow import: tensorflow_datasets, after --help
   try:
-    with _our_pixel_limit_decides(args.max_pixels):
+    with pil_limit_follows(args.max_pixels or None):
       counts = build_dataset(args.name, args.splits, args.images, args.out, strict=args.strict,
                              version=args.version, allow_images_outside_root=args.allow_images_outside_root,
                              max_pixels=args.max_pixels or None, max_line_bytes=args.max_line_bytes)
-  except (RecordError, OSError) as e:
+  except (RecordError, EmptySplitError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   kept = sum(c.kept for c in counts.values())

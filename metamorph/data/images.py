@@ -7,8 +7,11 @@ transformers, EXIF orientation is not applied.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -16,6 +19,26 @@ from PIL import Image
 from metamorph.data.records import RecordError
 
 MAX_PIXELS = 50_000_000  # an image with more pixels is dropped before it is decoded (image_too_large)
+
+
+@contextlib.contextmanager
+def pil_limit_follows(max_pixels: int | None) -> Iterator[None]:
+  """While inside, PIL's process-wide decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)
+  follows ours: PIL neither refuses an image of at most ``max_pixels`` pixels (None: any
+  size) nor warns about one; restored on exit. Callers that decode with a raised limit
+  (a build, a training run) enter it once around all their decoding, not per image:
+  the limit is a global that threads share."""
+  saved = Image.MAX_IMAGE_PIXELS
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      if max_pixels is None:
+        Image.MAX_IMAGE_PIXELS = None
+      elif saved is not None:
+        Image.MAX_IMAGE_PIXELS = max(saved, max_pixels)
+      yield
+  finally:
+    Image.MAX_IMAGE_PIXELS = saved
 
 
 def resolve_image(root: str, path: str, where: str = "", *, allow_outside_root: bool = False) -> str:

@@ -31,7 +31,7 @@ import grain
 import numpy as np
 
 from metamorph.data.conversation import TokenLayout, format_conversation
-from metamorph.data.images import load_image, preprocess
+from metamorph.data.images import MAX_PIXELS, load_image, preprocess
 from metamorph.data.packing import PackIterDataset, drop_marker
 from metamorph.data.records import RecordError
 
@@ -96,6 +96,7 @@ class Decode:
   seq_len: int
   images_per_row: int
   strict: bool = False
+  max_pixels: int | None = MAX_PIXELS
 
   def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
     try:
@@ -117,7 +118,7 @@ class Decode:
     if f.num_images != len(encoded):
       raise RecordError("placeholder_mismatch", f"{f.num_images} <image> placeholders, {len(encoded)} images")
     s = self.image_size
-    images = [preprocess(load_image(data), s) for data in encoded]
+    images = [preprocess(load_image(data, max_pixels=self.max_pixels), s) for data in encoded]
     return {"input_ids": f.input_ids, "labels": f.labels, "visual_index": f.visual_index,
             "visual_target_mask": f.visual_target_mask,
             "images": np.stack(images) if images else np.zeros((0, s, s, 3), np.float32)}  # [n, H, W, 3]
@@ -127,13 +128,15 @@ def make_dataset(sources: Any, *, tokenizer, layout: TokenLayout, image_size: in
                  images_per_row: int, batch_size: int, seed: int = 0, num_epochs: int | None = None,
                  shuffle: bool = True, shard_index: int | None = None, shard_count: int | None = None,
                  strict: bool = False, read_threads: int = 4, prefetch_buffer_size: int = 64,
-                 open_rows: int = 4) -> grain.IterDataset:
+                 open_rows: int = 4, max_pixels: int | None = MAX_PIXELS) -> grain.IterDataset:
   """The training pipeline (module docstring); iterate it for dicts of [B, ...] arrays.
 
   ``sources``: one source or a sequence of (source, weight) pairs; shards
-  default to ``jax.process_index()`` / ``jax.process_count()``.
+  default to ``jax.process_index()`` / ``jax.process_count()``. Images are decoded
+  under ``max_pixels`` (pass the dataset's build-time limit; above PIL's own limit,
+  iterate inside ``images.pil_limit_follows``).
   """
-  decode = Decode(tokenizer, layout, image_size, seq_len, images_per_row, strict)
+  decode = Decode(tokenizer, layout, image_size, seq_len, images_per_row, strict, max_pixels)
   ds = examples(sources, seed=seed, num_epochs=num_epochs, shuffle=shuffle, shard_index=shard_index,
                 shard_count=shard_count).map(decode)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,

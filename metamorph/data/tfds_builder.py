@@ -5,7 +5,8 @@ per input file, in the input order (``disable_shuffling``; shuffle when reading)
 
   <data_dir>/<name>/<version>/
     dataset_info.json, features.json
-    metadata.json                        {"drop_counts": {split: DropCounts.to_dict()}}
+    metadata.json                        {"drop_counts": {split: DropCounts.to_dict()},
+                                          "max_pixels": the build's pixel limit (null: none)}
     <name>-<split>.array_record-00000-of-0000N
 
 Features (``FEATURES``): ``id`` (Text); ``conversations`` (Text: JSON list of
@@ -101,9 +102,9 @@ def _progress(bar: tqdm, counts: DropCounts) -> None:
 class _RecordsBuilder(tfds.dataset_builders.AdhocBuilder, skip_registration=True):
   """An ``AdhocBuilder`` whose info carries the drop counts as metadata."""
 
-  def __init__(self, *, drop_counts: dict[str, DropCounts], **kwargs):
+  def __init__(self, *, drop_counts: dict[str, DropCounts], max_pixels: int | None, **kwargs):
     self._drop_counts = drop_counts
-    self._metadata = tfds.core.MetadataDict()
+    self._metadata = tfds.core.MetadataDict(max_pixels=max_pixels)
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -119,6 +120,10 @@ class _RecordsBuilder(tfds.dataset_builders.AdhocBuilder, skip_registration=True
     self._metadata.setdefault("drop_counts", {})[split] = self._drop_counts[split].to_dict()
 
 
+class EmptySplitError(ValueError):
+  """Every record of a split was dropped: TFDS writes no empty split, so nothing is built."""
+
+
 def build_dataset(name: str, splits: Mapping[str, str], image_root: str, data_dir: str, *,
                   strict: bool = False, version: str = "1.0.0", allow_images_outside_root: bool = False,
                   max_pixels: int | None = MAX_PIXELS,
@@ -130,7 +135,8 @@ def build_dataset(name: str, splits: Mapping[str, str], image_root: str, data_di
   have at most ``max_pixels`` pixels (read from its header) and decode; it is opened
   and decoded once. Bad records are skipped and counted by reason (``strict``: the
   first raises ``RecordError`` naming ``file:line`` and the reason). Prints and
-  stores the counts per split. Raises ``FileExistsError`` if that version was
+  stores the counts per split. Raises ``EmptySplitError`` when a split keeps no record,
+  ``FileExistsError`` if that version was
   already built, ``OSError`` for a split file that cannot be read.
   """
   if os.path.exists(os.path.join(data_dir, name, version, "dataset_info.json")):
@@ -144,10 +150,17 @@ def build_dataset(name: str, splits: Mapping[str, str], image_root: str, data_di
                                      progress=f"{split}: {os.path.basename(path)}")
                 for split, path in splits.items()}
   builder = _RecordsBuilder(name=name, version=version, features=FEATURES, split_datasets=generators,
-                            data_dir=data_dir, drop_counts=counts,
+                            data_dir=data_dir, drop_counts=counts, max_pixels=max_pixels,
                             description=f"MetaMorph conversation records from {dict(splits)}")
   with tempfile.TemporaryDirectory() as downloads:  # TFDS wants one; nothing is downloaded
-    builder.download_and_prepare(file_format="array_record", download_dir=downloads)
+    try:
+      builder.download_and_prepare(file_format="array_record", download_dir=downloads)
+    except AssertionError as e:  # TFDS refuses a split without examples
+      empty = [split for split, c in counts.items() if c.kept == 0]
+      if not empty:
+        raise
+      raise EmptySplitError("; ".join(f"split {split!r} ({splits[split]}): no record kept, {counts[split].summary()}"
+                                      for split in empty) + "; nothing was written") from e
   for split, c in counts.items():
     print(f"{name}/{split}: {c.summary()}")
   return counts
@@ -179,7 +192,18 @@ def open_source(data_dir: str, name: str, split: str, version: str | None = None
   return builder.as_data_source(split)
 
 
+def _metadata(data_dir: str, name: str, version: str | None) -> dict[str, Any]:
+  with open(os.path.join(_version_dir(data_dir, name, version), "metadata.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
 def read_drop_counts(data_dir: str, name: str, version: str | None = None) -> dict[str, dict[str, Any]]:
   """The drop counts stored at build time: split -> ``DropCounts.to_dict()``."""
-  with open(os.path.join(_version_dir(data_dir, name, version), "metadata.json"), encoding="utf-8") as f:
-    return json.load(f)["drop_counts"]
+  return _metadata(data_dir, name, version)["drop_counts"]
+
+
+def read_max_pixels(data_dir: str, name: str, version: str | None = None) -> int | None:
+  """The pixel limit the dataset was built with (None: none): every stored image has at
+  most that many pixels, so readers decode them under it. Datasets built before the
+  limit was stored hold images of at most ``MAX_PIXELS``."""
+  return _metadata(data_dir, name, version).get("max_pixels", MAX_PIXELS)
