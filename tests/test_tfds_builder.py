@@ -102,7 +102,7 @@ def test_every_bad_kind_is_skipped_and_counted(tmp_path, image_root, capsys):
   assert counts.to_dict() == expected
   assert read_drop_counts(data_dir, "mixed") == {"train": expected}
   with open(os.path.join(data_dir, "mixed", "1.0.0", "metadata.json")) as f:
-    assert json.load(f) == {"drop_counts": {"train": expected}}
+    assert json.load(f) == {"drop_counts": {"train": expected}, "max_pixels": tfds_builder.MAX_PIXELS}
   assert "mixed/train: kept 2 records, dropped 7" in capsys.readouterr().out
   assert [e["id"] for e in open_source(data_dir, "mixed", "train")] == [b"q1", b"t2i"]
 
