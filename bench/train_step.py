@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -60,8 +62,10 @@ def synthetic_batch(ids: np.ndarray, images: int, m: int, image_size: int, rng) 
   }
 
 
-def ours(args, ids: np.ndarray):
-  """(seconds per step, FLOPs per token, tokens per step, loss of the first step)."""
+def time_vpit_steps(args, ids: np.ndarray, configure: Callable[[Any], None]):
+  """(the run's ``train.trainer.Setup``, median seconds per step, loss of the first step) of
+  SmolLM2's vpit step on ``ids`` (``args``: batch, length, images, repeats), its config
+  (configs/smollm2_135m.py:vpit, no runs/ needed) changed by ``configure(config)`` first."""
   import jax
 
   from configs.smollm2_135m import get_config
@@ -74,7 +78,7 @@ def ours(args, ids: np.ndarray):
   c.data.seq_len = args.length
   c.train.batch_size = args.batch
   c.optim.lr = 1e-5
-  c.mesh.fsdp = -1
+  configure(c)
   s = trainer.make_setup(c)
   state = trainer.initial_state(s)
   m = c.model.num_visual_tokens
@@ -90,10 +94,22 @@ def ours(args, ids: np.ndarray):
 
   with jax.set_mesh(s.mesh):
     seconds = time_it(run, args.repeats)
+  return s, seconds, box["losses"][0]
+
+
+def _one_device_full(c) -> None:
+  c.mesh.data, c.mesh.fsdp, c.mesh.cpu_devices = 1, -1, 0  # one device (the config's: two)
+  c.tuning.mode = "full"  # like the transformers step (the config's vpit: LoRA)
+
+
+def ours(args, ids: np.ndarray):
+  """(seconds per step, FLOPs per token, tokens per step, loss of the first step)."""
+  from train import trainer
+  s, seconds, first_loss = time_vpit_steps(args, ids, _one_device_full)
   per_token, per_image = trainer.flops_model(s)
   tokens = ids.size
   flops = per_token * tokens + per_image * args.images * ids.shape[0]
-  return seconds, flops / tokens, tokens, box["losses"][0]
+  return seconds, flops / tokens, tokens, first_loss
 
 
 def transformers_step(args, ids: np.ndarray):

@@ -39,6 +39,7 @@ AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("lora_rank", None),
     ("vis_embed", None),
     ("patch", None),
     ("channels", None),

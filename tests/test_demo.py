@@ -46,7 +46,7 @@ def test_stage_configs_chain_the_stages(tmp_path):
 def test_unknown_preset_is_a_clear_error(tmp_path):
   c = _demo_config(str(tmp_path), preset="quick")
   c.preset = "medium"
-  with pytest.raises(ValueError, match="config.preset is 'medium'; use one of \\['fast', 'full', 'quick'\\]"):
+  with pytest.raises(ValueError, match="config.preset is 'medium'; use one of \\['fast', 'full', 'quick', 'smollm2'\\]"):
     workflow.preset(c)
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 from metamorph import checkpoint
 from train import trainer
 from train.step import state_check
-from tests.train_fixtures import ROOT, kill_when, run_train, set_field, tiny_config, train_command
+from tests.train_fixtures import ROOT, kill_when, run_train, set_field, tiny_config, train_command, train_steps
 
 
 def _flat(state: nnx.State) -> dict:
@@ -39,15 +39,7 @@ def _train_on_one_batch(config, steps: int = 8):
   s = trainer.make_setup(config)
   state = trainer.initial_state(s)
   before = (_flat(state.params), _flat(state.frozen))
-  batch = next(trainer.batches(s, config.data.train_split, seed=0))
-  step = jax.jit(lambda st, b: trainer.train_step(s.graphdef, s.stage, s.tx, s.schedule,
-                                                  config.train.micro_batches, st, b))
-  losses = []
-  with jax.set_mesh(s.mesh):
-    global_batch = trainer.data.global_batch(batch, s.mesh)
-    for _ in range(steps):
-      state, out = step(state, global_batch)
-      losses.append(float(out["loss"]))
+  losses, state = train_steps(s, state, steps)
   return losses, before, (_flat(state.params), _flat(state.frozen)), s
 
 
@@ -142,7 +134,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_world, tm
     ({"mesh.tensor": 3}, r"mesh \(data, fsdp, tensor\) = \(1, -1, 3\)|cannot be split"),
     ({"train.batch_size": 10, "train.micro_batches": 4}, "not divisible by config.train.micro_batches"),
     ({"stage": "pretrain"}, "use one of"),
-    ({"tuning.mode": "lora"}, r"config.tuning.mode is 'lora'; use one of full"),
+    ({"tuning.mode": "qlora"}, r"config.tuning.mode is 'qlora'; use one of full, frozen_llm, lora"),
     ({"optim.lr": -1.0}, r"config.optim.lr must be >= 0"),
     ({"mesh.cpu_devices": -2}, r"config.mesh.cpu_devices must be >= 0"),
     ({"data.open_rows": 0}, r"config.data.open_rows must be >= 1"),

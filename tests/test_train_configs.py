@@ -149,8 +149,8 @@ def test_unknown_stage_and_tuning_mode_name_the_known_ones():
   from train import stages, tuning
   with pytest.raises(ValueError, match="use one of siglip, visualizer, language, connector, vpit"):
     stages.get("pretrain")
-  with pytest.raises(ValueError, match="use one of full"):
-    tuning.get("lora")
+  with pytest.raises(ValueError, match="use one of full, frozen_llm, lora"):
+    tuning.get("qlora")
   with pytest.raises(ValueError, match="takes no options"):
     tuning.get("full", rank=16)
 
@@ -158,7 +158,9 @@ def test_unknown_stage_and_tuning_mode_name_the_known_ones():
 def test_smollm2_config_builds_without_weights():
   from configs.smollm2_135m import get_config
   for stage in ("connector", "vpit"):
-    s = trainer.make_setup(get_config(stage), load_weights=False)
+    c = get_config(stage)
+    c.tuning.mode = "full"  # the architecture alone (vpit tunes LoRA adapters, more parameters)
+    s = trainer.make_setup(c, load_weights=False)
     llm = count_params(s.abstract_state.params["llm"])
     llm += count_params(s.abstract_state.frozen.get("llm", {}))
     assert abs(llm / 134.5e6 - 1) < 0.01, llm   # SmolLM2-135M (tied embeddings)
@@ -176,6 +178,7 @@ def test_smollm2_config_builds_from_the_gguf(tmp_path):
   toy.data.tokenizer = ""
   save_siglip(model_init.random_model(model_init.siglip_spec(toy), 0), str(tmp_path / "model"))
   c = get_config("vpit")
+  c.tuning.mode = "full"  # every LLM weight trains (the config's LoRA trains adapters)
   c.model.siglip_init = str(tmp_path)
   s = trainer.make_setup(c)
   assert s.spec.llm_params is not None and s.spec.tokenizer is not None

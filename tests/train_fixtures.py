@@ -46,6 +46,23 @@ def tiny_config(stage: str, world: str, **overrides):
   return c
 
 
+def train_steps(s, state, steps: int, *, micro: int | None = None, tuning=None):
+  """(losses, state after) of ``steps`` jitted train steps of setup ``s`` from ``state`` on one
+  repeated batch (the first of the train split); ``micro`` / ``tuning`` default to the setup's."""
+  import jax
+  from train import trainer
+  micro = s.config.train.micro_batches if micro is None else micro
+  step = jax.jit(lambda st, b: trainer.train_step(s.graphdef, s.stage, s.tx, s.schedule, micro, st, b,
+                                                  tuning=tuning or s.tuning))
+  losses = []
+  with jax.set_mesh(s.mesh):
+    batch = trainer.data.global_batch(next(trainer.batches(s, s.config.data.train_split, seed=0)), s.mesh)
+    for _ in range(steps):
+      state, out = step(state, batch)
+      losses.append(float(out["loss"]))
+  return losses, state
+
+
 def set_field(config, key: str, value) -> None:
   """``set_field(c, "train.steps", 3)`` sets ``c.train.steps``."""
   *parents, leaf = key.split(".")

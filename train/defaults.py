@@ -14,6 +14,14 @@ def base_config() -> ml_collections.ConfigDict:
   # --- tuning mode ----------------------------------------------------------------
   c.tuning = ml_collections.ConfigDict()
   c.tuning.mode = "full"    # a mode of train.tuning.MODES: how the stage's parameters train
+                            # (full | frozen_llm | lora); each mode reads only its own sub-dict
+  c.tuning.lora = ml_collections.ConfigDict()  # mode "lora": adapters on the LLM's projections
+  c.tuning.lora.rank = 16       # r of each adapter (1 .. the projection's smaller side)
+  c.tuning.lora.alpha = 16.0    # the update is scaled by alpha / rank
+  c.tuning.lora.dropout = 0.05  # on the adapter's input while training, in [0, 1)
+  c.tuning.lora.targets = "q_proj,k_proj,v_proj,o_proj"  # MLP too: ",gate_proj,up_proj,down_proj"
+  c.tuning.lora.from_peft = ""  # a PEFT LoRA folder (e.g. an earlier run's WORKDIR/model/lora) to start
+                                # the adapters from; its r, alpha and targets must equal the above
 
   # --- model -------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()

@@ -84,9 +84,12 @@ class Stage:
   starts_from: tuple[Start, ...] = ()  # the earlier runs its config names
   new_token_ids: tuple[int, ...] = ()  # set by ``with_new_tokens``
 
-  def with_new_tokens(self, spec: ModelSpec) -> Stage:
-    """The stage for ``spec``'s model: with its new token ids when only their rows train."""
-    return dataclasses.replace(self, new_token_ids=spec.new_token_ids) if self.new_rows_only else self
+  def with_new_tokens(self, spec: ModelSpec, rows_only: bool = False) -> Stage:
+    """The stage for ``spec``'s model: with its new token ids when only their rows train (the
+    stage's choice, or ``rows_only``: the tuning mode's, ``TuningMode.new_rows_only``)."""
+    if not (self.new_rows_only or rows_only):
+      return self
+    return dataclasses.replace(self, new_rows_only=True, new_token_ids=spec.new_token_ids)
 
 
 def _is_param(value) -> bool:

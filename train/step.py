@@ -10,6 +10,10 @@ import optax
 from flax import nnx
 
 from train.stages import Batch, Stage, mask_new_token_rows
+from train.tuning import TuningMode, full
+
+FULL = full()
+_PREPARE_STREAM = 0x7E0  # fold_in constant: the tuning mode's keys, apart from the stage loss's
 
 
 @flax.struct.dataclass
@@ -27,17 +31,21 @@ def _split_micro(batch: Batch, micro: int) -> Batch:
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def _loss_and_grads(graphdef, stage: Stage, state: TrainState, batch: Batch, micro: int):
+def _loss_and_grads(graphdef, stage: Stage, state: TrainState, batch: Batch, micro: int,
+                    tuning: TuningMode = FULL):
   """(loss, metrics, grads), accumulated over ``micro`` micro-batches in a scan.
 
   Each micro-batch's loss is normalised by whole-batch counts, so the sum over
-  micro-batches equals the loss of the whole batch exactly.
+  micro-batches equals the loss of the whole batch exactly. The tuning mode prepares each
+  micro-batch's model (``TuningMode.prepare``, e.g. LoRA's dropout keys) with a key of its own,
+  folded from the micro-batch's key (which the stage's loss receives unchanged).
   """
   normalisers = stage.normalisers(batch)
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(params, micro_batch, key):
     model = nnx.merge(graphdef, params, state.frozen)
+    tuning.prepare(model, jax.random.fold_in(key, _PREPARE_STREAM))
     return stage.loss(model, micro_batch, normalisers, key)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -57,11 +65,15 @@ def _loss_and_grads(graphdef, stage: Stage, state: TrainState, batch: Batch, mic
 
 
 def train_step(graphdef, stage: Stage, tx: optax.GradientTransformation, schedule, micro: int,
-               state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a global batch; returns the new state and scalar metrics."""
-  loss, metrics, grads = _loss_and_grads(graphdef, stage, state, batch, micro)
+               state: TrainState, batch: Batch, *, tuning: TuningMode = FULL
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a global batch; returns the new state and scalar metrics.
+  Where only the new token rows train (``stage.new_token_ids``) both the gradient and the update
+  of the other rows are zeroed, so weight decay cannot move them either."""
+  loss, metrics, grads = _loss_and_grads(graphdef, stage, state, batch, micro, tuning)
   grads = mask_new_token_rows(grads, stage.new_token_ids)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates = mask_new_token_rows(updates, stage.new_token_ids)
   params = optax.apply_updates(state.params, updates)
   metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

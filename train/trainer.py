@@ -63,8 +63,10 @@ def validate(config: ml_collections.ConfigDict) -> tuple[stages.Stage, tuning.Tu
     stage = stages.get(config.stage)
   except ValueError as e:
     raise TrainingError(f"config.stage: {e}") from e
-  options = config.tuning.to_dict()
-  mode = tuning.get(options.pop("mode"), **options)
+  try:
+    mode = tuning.from_config(config.tuning)
+  except ValueError as e:
+    raise TrainingError(str(e)) from e
   t = config.train
   for name in ("steps", "batch_size", "micro_batches", "log_every", "keep_checkpoints"):
     if t[name] < 1:
@@ -98,9 +100,12 @@ def make_setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) 
     raise TrainingError(f"config.train.batch_size ({config.train.batch_size}) must be divisible by "
                         f"mesh data x fsdp = {batch_shards}")
   spec = stage.model(config, vision_loss=stage.vision_loss, load_weights=load_weights)
-  stage = stage.with_new_tokens(spec)
+  stage = stage.with_new_tokens(spec, rows_only=mode.new_rows_only)
   trainable = mode.trainable(stage.trainable)
-  abstract_model = nnx.eval_shape(lambda: mode.transform(model_init.random_model(spec, config.seed)))
+  try:
+    abstract_model = nnx.eval_shape(lambda: mode.transform(model_init.random_model(spec, config.seed), config.seed))
+  except ValueError as e:  # a mode that does not fit this stage's model
+    raise TrainingError(f"the {stage.name} stage: {e}") from e
   graphdef, params, frozen = nnx.split(abstract_model, trainable, ...)
   optim = optimizer.Settings(**config.optim.to_dict())
   schedule = optimizer.learning_rate(optim, config.train.steps)
@@ -122,7 +127,7 @@ def initial_state(s: Setup) -> TrainState:
   create = jax.jit(functools.partial(_new_state, s.tx, c.seed), out_shardings=s.shardings)
   if not (c.init_from or s.spec.load_pretrained):
     def fresh():
-      model = s.tuning.transform(model_init.random_model(s.spec, c.seed))
+      model = s.tuning.transform(model_init.random_model(s.spec, c.seed), c.seed)
       _, params, frozen = nnx.split(model, s.trainable, ...)
       return _new_state(s.tx, c.seed, params, frozen)
     return jax.jit(fresh, out_shardings=s.shardings)()   # no host holds the whole model
@@ -131,7 +136,7 @@ def initial_state(s: Setup) -> TrainState:
     s.spec.load_pretrained(model)
   if c.init_from:
     model_init.load_run(model, c.init_from)
-  _, params, frozen = nnx.split(s.tuning.transform(model), s.trainable, ...)
+  _, params, frozen = nnx.split(s.tuning.transform(model, c.seed), s.trainable, ...)
   return create(params, frozen)
 
 
@@ -225,7 +230,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       print(f"resumed from {workdir}/checkpoints/{step}")
     else:
       state = initial_state(s)  # outside the mesh context: host-side loading sees no mesh
-    step_fn = jax.jit(functools.partial(train_step, s.graphdef, s.stage, s.tx, s.schedule, c.train.micro_batches),
+    step_fn = jax.jit(functools.partial(train_step, s.graphdef, s.stage, s.tx, s.schedule, c.train.micro_batches,
+                                        tuning=s.tuning),
                       out_shardings=(s.shardings, None), donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, s.graphdef, s.stage))
     check_fn = jax.jit(functools.partial(state_check, s.graphdef, s.stage))
@@ -313,13 +319,17 @@ def _batch_counts(local: dict[str, np.ndarray]) -> tuple[int, int, int]:
 
 
 def _export(s: Setup, state: TrainState, workdir: str) -> None:
-  """The trained model to WORKDIR/model (process 0 writes it)."""
+  """The trained model to WORKDIR/model (process 0 writes it): merged by the tuning mode
+  (``TuningMode.merge``: plain weights), with what the mode writes beside it from the unmerged
+  model (``TuningMode.export``: under LoRA the PEFT folder WORKDIR/model/lora)."""
   params, frozen = state.params, state.frozen
   if jax.process_count() > 1:  # a collective (every process calls it): process 0 gets whole arrays
     params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
   if jax.process_index() == 0:
-    model = s.tuning.merge(nnx.merge(s.graphdef, params, frozen))
-    s.stage.export(model, s.spec, os.path.join(workdir, MODEL_DIR))
+    folder = os.path.join(workdir, MODEL_DIR)
+    trained = nnx.merge(s.graphdef, params, frozen, copy=True)  # copy: merge works in place
+    s.tuning.export(trained, folder, s.config.model.get("llm_init", ""))
+    s.stage.export(s.tuning.merge(trained), s.spec, folder)
 
 
 def _write_samples(s: Setup, state: TrainState, local: dict[str, np.ndarray], path: str) -> None:

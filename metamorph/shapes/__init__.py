@@ -10,6 +10,7 @@ generalises from understanding data. ``python -m metamorph.shapes --out DIR`` wr
   mix        the task mix: which task kinds a world's records are drawn from, how often
   examples   one example: a conversation record and its rendered images
   prompts    the text-to-image evaluation prompts
+  knowledge  the world-knowledge probes: prompts naming attributes only through knowledge or other words
   world      writing a world: splits, images, prompts, tokenizer, the TFDS copy, world.json
   tokenizer  the world's word-level tokenizer
   oracle     the rule-based reader of the world's images (the grader)

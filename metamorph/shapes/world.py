@@ -1,7 +1,8 @@
 """Writing a shapes world to disk: its splits, images, evaluation prompts, tokenizer and TFDS copy.
 
 A world folder holds ``{split}.jsonl`` for each of ``SPLITS`` it has, their PNGs under
-``images/{split}/``, ``eval_t2i.jsonl`` (``prompts.eval_prompts``), the word-level
+``images/{split}/``, ``eval_t2i.jsonl`` (``prompts.eval_prompts``), ``eval_knowledge.jsonl``
+(``knowledge.knowledge_records``, PNGs under ``images/knowledge/``), the word-level
 tokenizer under ``tokenizer/``, the records as the TFDS dataset ``DATASET_NAME`` under
 ``tfds/``, and ``world.json`` (what ``write_world`` returns: its arguments, counts and
 files). The same arguments give byte-identical JSONL, PNG and tokenizer files.
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from metamorph.shapes import scene
 from metamorph.shapes.examples import make_example
+from metamorph.shapes.knowledge import knowledge_records
 from metamorph.shapes.mix import resolve_mix
 from metamorph.shapes.prompts import eval_prompts
 from metamorph.shapes.scene import normalize_holdout
@@ -35,6 +37,7 @@ SPLIT_TASKS = {"captions": {"caption": 1.0}, "language": {"text": 1.0}}  # else 
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 DATASET_NAME = "shapes_world"  # the TFDS dataset under OUT/tfds
 EVAL_FILE = "eval_t2i.jsonl"
+KNOWLEDGE_FILE = "eval_knowledge.jsonl"  # the world-knowledge probes (metamorph.shapes.knowledge)
 
 
 def _dumps(record: Mapping[str, Any]) -> str:
@@ -87,6 +90,20 @@ def write_eval_prompts(out_dir: str, holdout: Iterable[str | Sequence[str]] = ()
   return len(records)
 
 
+def write_eval_knowledge(out_dir: str, holdout: Iterable[str | Sequence[str]] = (),
+                         image_size: int = scene.DEFAULT_SIZE) -> int:
+  """Writes ``knowledge.knowledge_records`` to ``out_dir/KNOWLEDGE_FILE`` and their PNGs under
+  ``out_dir/images/``; returns the number of probes. Byte-identical for the same arguments."""
+  records, images = knowledge_records(holdout, image_size)
+  for name, array in images.items():
+    os.makedirs(os.path.dirname(os.path.join(out_dir, "images", name)), exist_ok=True)
+    _save_png(array, os.path.join(out_dir, "images", name))
+  with open(os.path.join(out_dir, KNOWLEDGE_FILE), "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(_dumps(r) + "\n")
+  return len(records)
+
+
 def write_world(out_dir: str, n: int, seed: int = 0, holdout: Sequence[str | Sequence[str]] = (),
                 image_size: int = scene.DEFAULT_SIZE, val_n: int = 1000, tasks: str | None = None,
                 progress: bool = True, captions_n: int = 0, language_n: int = 0) -> dict:
@@ -97,7 +114,8 @@ def write_world(out_dir: str, n: int, seed: int = 0, holdout: Sequence[str | Seq
   SigLIP stage's training data) and ``language.jsonl`` (language_n text-only records,
   the language stage's), each from its own seed stream (``examples.example_rng``);
   their PNGs under ``images/``, ``eval_t2i.jsonl`` (text-to-image prompts of held-out
-  and seen pairs), the tokenizer under ``tokenizer/`` and ``world.json``.
+  and seen pairs), ``eval_knowledge.jsonl`` (the world-knowledge probes, their PNGs under
+  ``images/knowledge/``), the tokenizer under ``tokenizer/`` and ``world.json``.
   """
   # slow import: transformers (about 1 s), which nothing but the tokenizer needs
   from metamorph.shapes.tokenizer import build_world_tokenizer
@@ -111,6 +129,8 @@ def write_world(out_dir: str, n: int, seed: int = 0, holdout: Sequence[str | Seq
       files[split] = f"{split}.jsonl"
   n_eval = write_eval_prompts(out_dir, pairs, seed)
   files["eval_t2i"] = EVAL_FILE
+  n_knowledge = write_eval_knowledge(out_dir, pairs, image_size)
+  files["eval_knowledge"] = KNOWLEDGE_FILE
   tokenizer = build_world_tokenizer(os.path.join(out_dir, "tokenizer"))
   world = {
     "args": {"n": n, "val_n": val_n, "captions_n": captions_n, "language_n": language_n, "seed": seed,
@@ -118,6 +138,7 @@ def write_world(out_dir: str, n: int, seed: int = 0, holdout: Sequence[str | Seq
     "holdout": [list(p) for p in pairs],
     "counts": counts,
     "eval_prompts": n_eval,
+    "knowledge_probes": n_knowledge,
     "files": {**files, "images": "images", "tokenizer": "tokenizer"},
     "vocab_size": len(tokenizer),
   }

@@ -6,13 +6,17 @@
   size), and all three of colour/shape/position, on seen and held-out pairs; plus the
   mean cosine between the generated visual tokens and the encoder's tokens of the
   target drawn at its anchor;
-* editing: the oracle reads the edited image against the target.
+* editing: the oracle reads the edited image against the target;
+* world knowledge (``grade_knowledge``): the probes of ``metamorph.shapes.knowledge``, which name
+  colours and shapes only through knowledge or words the world never uses, beside their
+  in-template controls: drawings by the oracle (colour and shape), answers by exact match.
 """
 from __future__ import annotations
 
 import json
 import os
 import textwrap
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +29,9 @@ from tqdm import tqdm
 import metamorph
 from metamorph.data.images import load_image
 from metamorph.shapes import oracle, scene
+from metamorph.shapes.knowledge import DRAWN, KINDS
 from metamorph.shapes.scene import ATTRIBUTES
+from metamorph.shapes.world import KNOWLEDGE_FILE, WORLD_FILE, write_eval_knowledge
 from metamorph.tokens import IMAGE_PLACEHOLDER
 from train.demo import machine
 
@@ -52,9 +58,16 @@ def _images(record: dict, world: str) -> list[Image.Image]:
   return [load_image(os.path.join(world, "images", n), where=record["id"]) for n in _image_names(record)]
 
 
-def _batches(items: Sequence, desc: str):
-  for i in tqdm(range(0, len(items), BATCH), desc=desc, unit="batch", dynamic_ncols=True):
-    yield items[i:i + BATCH]
+def _batches(items: Sequence, desc: str, size: int = BATCH):
+  for i in tqdm(range(0, len(items), size), desc=desc, unit="batch", dynamic_ncols=True):
+    yield items[i:i + size]
+
+
+def _even(n: int) -> int:
+  """The size of the fewest chunks of at most ``BATCH`` that split ``n`` items evenly: the
+  engine pads a batch to a power of two, so 48 items run as 2 x 24 in its 32-row compilation
+  (which the other gradings made) rather than 32 + 16 (a compilation of its own)."""
+  return -(-n // -(-n // BATCH)) if n else BATCH
 
 
 def _single_turn(record: dict) -> bool:
@@ -160,6 +173,116 @@ def editing(mm, world: str, records: list[dict], limit: int, **render) -> dict[s
   return _grade(reads, targets)
 
 
+def _knowledge_records(world: str) -> list[dict]:
+  """The world-knowledge probes of the world in ``world``; written first (from its ``world.json``)
+  when the world predates them."""
+  path = os.path.join(world, KNOWLEDGE_FILE)
+  if not os.path.isfile(path):
+    info = os.path.join(world, WORLD_FILE)
+    if not os.path.isfile(info):
+      raise ValueError(f"{world} holds neither {KNOWLEDGE_FILE} nor {WORLD_FILE}: not a shapes world")
+    with open(info, encoding="utf-8") as f:
+      args = json.load(f)["args"]
+    n = write_eval_knowledge(world, args["holdout"], args["image_size"])
+    print(f"knowledge: {world} had no {KNOWLEDGE_FILE} (an older world); wrote its {n} probes")
+  return _records(path)
+
+
+def _probe_kind(record: dict) -> str:
+  return f"{record['task']}/{record['meta']['probe']}"
+
+
+def _side(record: dict, side: str) -> list[dict]:
+  """The turns a probe record grades: its own ("probe") or its in-template "control"."""
+  return record["conversations"] if side == "probe" else record["meta"]["control"]
+
+
+def _knowledge_rates(oks: list[bool], attrs: dict[str, list[bool]] | None = None,
+                     missing: int | None = None) -> dict[str, Any]:
+  out: dict[str, Any] = {"accuracy": float(np.mean(oks)) if oks else None, "n": len(oks)}
+  out.update({a: float(np.mean(v)) for a, v in (attrs or {}).items()})
+  return out if missing is None else {**out, "no_image": missing}
+
+
+def grade_knowledge(mm, world: str, *, render_steps: int, render_guidance: float,
+                    limit: int = 0) -> dict[str, Any]:
+  """Grades the world-knowledge probes of the shapes world in ``world`` (``eval_knowledge.jsonl``,
+  written first for an older world) beside their in-template controls.
+
+  mm: what ``metamorph.load`` returns (its ``generate``: outputs with ``text`` and ``images``).
+  limit: the first ``limit`` probes of each kind (0: all 24 + 24). A drawing is right when the
+  oracle reads the probe's colour and shape (``knowledge.DRAWN``; the control is graded on the
+  same two), an answer when it equals the ground truth (``_normalize``d: exact match).
+  Returns ``{"kinds": {kind: {"probe": rates, "control": rates}}, "examples": [one per probe],
+  "seconds": float}`` for each kind of ``knowledge.KINDS`` and "all": rates are ``{"accuracy",
+  "n"}``, for drawings also each ``DRAWN`` attribute's rate and ``no_image``.
+  """
+  start = time.perf_counter()
+  records = _knowledge_records(world)
+  chosen = [r for kind in KINDS for r in [x for x in records if _probe_kind(x) == kind][:limit or None]]
+  jobs = [(r, side) for r in chosen for side in ("probe", "control")]
+  oks: dict[tuple[str, str], list[bool]] = defaultdict(list)
+  attrs: dict[tuple[str, str], dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+  missing: dict[tuple[str, str], int] = defaultdict(int)
+  seen: dict[str, dict[str, Any]] = {}  # record id -> its example, graded side by side
+  draws = [j for j in jobs if j[0]["task"] == "t2i"]
+  for chunk in _batches(draws, "knowledge (text-to-image)", _even(len(draws))):
+    outs = mm.generate([_side(r, side)[0]["value"] for r, side in chunk], max_new_tokens=MAX_NEW_TOKENS,
+                       render_steps=render_steps, render_guidance=render_guidance)
+    for (r, side), out in zip(chunk, outs):
+      target, key = r["meta"]["targets"][0], (_probe_kind(r), side)
+      read = oracle.read_image(np.asarray(out.images[0])) if out.images else {}
+      missing[key] += not out.images
+      for a in DRAWN:
+        attrs[key][a].append(read.get(a) == target[a])
+      oks[key].append(all(read.get(a) == target[a] for a in DRAWN))
+      got = " ".join(str(read.get(a)) for a in DRAWN) if out.images else "no image"
+      seen.setdefault(r["id"], {"kind": key[0]})[side] = {
+        "prompt": _side(r, side)[0]["value"], "expected": " ".join(target[a] for a in DRAWN), "got": got,
+        "right": oks[key][-1]}
+  asks = [j for j in jobs if j[0]["task"] != "t2i"]
+  for chunk in _batches(asks, "knowledge (understanding)", _even(len(asks))):
+    outs = mm.generate([_side(r, side)[0]["value"] for r, side in chunk], images=[_images(r, world) for r, _ in chunk],
+                       max_new_tokens=MAX_NEW_TOKENS)
+    for (r, side), out in zip(chunk, outs):
+      want, key = _side(r, side)[1]["value"], (_probe_kind(r), side)
+      oks[key].append(_normalize(out.text) == _normalize(want))
+      seen.setdefault(r["id"], {"kind": key[0]})[side] = {
+        "prompt": _side(r, side)[0]["value"], "expected": want, "got": out.text, "right": oks[key][-1]}
+  kinds = {kind: {side: _knowledge_rates(oks[(kind, side)], attrs.get((kind, side)),
+                                         missing[(kind, side)] if kind.startswith("t2i/") else None)
+                  for side in ("control", "probe")}
+           for kind in KINDS if oks[(kind, "probe")]}
+  kinds["all"] = {side: _knowledge_rates([ok for (_, s), v in oks.items() if s == side for ok in v])
+                  for side in ("control", "probe")}
+  return {"kinds": kinds, "examples": list(seen.values()), "seconds": time.perf_counter() - start}
+
+
+def knowledge_section(by_model: dict[str, dict[str, Any]]) -> list[str]:
+  """The report's markdown lines for ``grade_knowledge`` results of several models side by
+  side, e.g. ``{"toy LLM": toy, "SmolLM2": smollm2}``: per probe kind, each model's accuracy on
+  the in-template controls, on the probes, and the number of probes."""
+  names = list(by_model)
+  lines = ["## World knowledge (probes outside the world's words)", "",
+           "Prompts that name colours and shapes only through knowledge (\"the colour of a ripe banana\", "
+           "\"three sides\") or words the world never uses (\"a crimson ball\", \"What hue is the object?\"), "
+           "beside the same targets in the world's own phrasing (control). Drawings: the oracle reads "
+           "colour and shape; answers: exact match. Most understanding probes are yes/no questions, half of "
+           "them answered \"yes\" (always \"yes\" scores 50% on qa/knowledge); see metamorph/shapes/knowledge.py.", "",
+           "| prompts | " + " | ".join(f"{m}: control | {m}: probe | n" for m in names) + " |",
+           "|---|" + "---|---|---|" * len(names)]
+  for kind in (*KINDS, "all"):
+    cells = []
+    for m in names:
+      g = by_model[m]["kinds"].get(kind)
+      cells += ([percent(g["control"]["accuracy"]), f"**{percent(g['probe']['accuracy'])}**", str(g["probe"]["n"])]
+                if g else ["n/a", "n/a", "0"])
+    if any(kind in by_model[m]["kinds"] for m in names):
+      lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+  lines += ["", "Graded in " + ", ".join(f"{by_model[m]['seconds']:.0f} s ({m})" for m in names) + "."]
+  return lines
+
+
 def pyplot():
   """matplotlib's pyplot on the Agg backend (files only, no display)."""
   import matplotlib  # slow import: matplotlib (about 2 s), only to draw the report's PNGs
@@ -212,9 +335,11 @@ def plot_losses(root: str, stages: Sequence[str], path: str) -> str | None:
 
 
 def evaluate(model_dir: str, world_dir: str, world_info: dict, p: ml_collections.ConfigDict,
-             out_dir: str) -> dict[str, Any]:
+             out_dir: str, model_name: str = "toy LLM") -> dict[str, Any]:
   """Loads the MetaMorph checkpoint ``model_dir`` (with the visualizer it names) and grades it
-  on the world in ``world_dir`` with the preset ``p``'s sizes; PNGs go to ``out_dir``."""
+  on the world in ``world_dir`` with the preset ``p``'s sizes (``p.eval_knowledge``, when the
+  preset has it: probes per kind, 0 = all); PNGs go to ``out_dir``. The knowledge grades are
+  ``{"knowledge": {model_name: grade_knowledge(...)}}``, a column of ``knowledge_section``."""
   mm = metamorph.load(model_dir)
   render = {"render_steps": p.render_steps, "render_guidance": p.render_guidance}
   validation = _records(os.path.join(world_dir, "validation.jsonl"))
@@ -224,6 +349,7 @@ def evaluate(model_dir: str, world_dir: str, world_info: dict, p: ml_collections
     "understanding": understanding(mm, world_dir, validation, p.eval_understanding),
     "text_to_image": text_to_image(mm, prompts, out_dir, p.eval_t2i, **render),
     "editing": editing(mm, world_dir, validation, p.eval_edit, **render),
+    "knowledge": {model_name: grade_knowledge(mm, world_dir, limit=p.get("eval_knowledge", 0), **render)},
   }
 
 
@@ -242,7 +368,10 @@ def summary(results: dict[str, Any]) -> str:
   return (f"understanding {percent(u['accuracy'])} (n={u['n']}); text-to-image all three: "
           f"seen {percent(t['seen'].get('all_three'))} (n={t['seen']['n']}), "
           f"held-out {percent(t['heldout'].get('all_three'))} (n={t['heldout']['n']}); "
-          f"editing all three {percent(results['editing'].get('all_three'))}")
+          f"editing all three {percent(results['editing'].get('all_three'))}"
+          + "".join(f"; knowledge probes ({m}) {percent(k['kinds']['all']['probe']['accuracy'])}, controls "
+                    f"{percent(k['kinds']['all']['control']['accuracy'])}"
+                    for m, k in results.get("knowledge", {}).items()))
 
 
 def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: dict[str, float],
@@ -277,6 +406,8 @@ def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: d
   lines += [f"colour {percent(e.get('color'))}, shape {percent(e.get('shape'))}, size {percent(e.get('size'))}, "
             f"position {percent(e.get('position'))}, all three {percent(e.get('all_three'))} (n={e['n']})."
             if e["n"] else "no editing records evaluated."]
+  if results.get("knowledge"):
+    lines += ["", *knowledge_section(results["knowledge"])]
   if t.get("gallery"):
     lines += ["", "## Samples", "", f"![text-to-image samples]({t['gallery']})"]
   if results.get("loss_plot"):

@@ -1,6 +1,10 @@
 """The demo's building blocks: the shapes world and the five stages of configs/toy.py,
 each in its own resumable workdir (used by ``train.demo`` and ``train.demo.experiments``).
 
+A preset with an ``llm_config`` (configs/demo.py's ``smollm2``) trains its ``LLM_STAGES`` from
+that config file in the preset's own ``workdir``, on the world and the SigLIP and visualizer
+runs of ``config.workdir`` (``stage_root``, ``llm_world_root``).
+
 A stage that finished (``STAGE/done.json`` records its steps, config, the settings of the
 world it trained on and ``code_version``) is skipped on a rerun with the same config and
 world; with another config, or a world rebuilt with other training splits, it is an error
@@ -35,6 +39,8 @@ from train.defaults import base_config
 # in WORKDIR/STAGE.
 DEMO_STAGES = ("siglip", "visualizer", "language", "connector", "vpit")
 SHARED_STAGES = ("siglip", "visualizer", "language")  # what train.demo.experiments runs share
+LLM_STAGES = ("connector", "vpit")  # the preset's llm_config trains them, in the preset's workdir
+TEXT_TASK = "text"  # the world's text-only (language) records in its task mix
 _DEFAULTS = json.loads(base_config().to_json())  # what a field absent from an older record held
 DONE_FILE = "done.json"  # what a finished stage (or the world: seconds and code) recorded
 SOURCE_ROOTS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # train/, and metamorph/
@@ -67,38 +73,78 @@ def preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config.presets[config.preset]
 
 
-def load_config_file(path: str, stage: str) -> ml_collections.ConfigDict:
+def load_config_file(path: str, stage: str, field: str = "config.stage_config") -> ml_collections.ConfigDict:
   """``get_config(stage)`` of the config file at ``path``, locked (setting a field it lacks
   raises). A ``ConfigError`` (a ValueError) names the file when it is not a config file or
-  sets a field ``train.defaults.base_config()`` does not have (with the nearest names)."""
+  sets a field ``train.defaults.base_config()`` does not have (with the nearest names); errors
+  start with ``field``, the config field that named the file."""
   spec = importlib.util.spec_from_file_location("_stage_config", path)
   if spec is None or not os.path.isfile(path):
-    raise ConfigError(f"config.stage_config: {path} is not a config file")
+    raise ConfigError(f"{field}: {path} is not a config file")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not callable(getattr(module, "get_config", None)):
-    raise ConfigError(f"config.stage_config: {path} has no get_config(stage)")
+    raise ConfigError(f"{field}: {path} has no get_config(stage)")
   try:
     config = module.get_config(stage)
   except (AttributeError, TypeError) as e:  # a field it lacks, a get_config without a stage argument
-    raise ConfigError(f"config.stage_config: {path}: get_config({stage!r}) failed: {error_text(e)}") from e
+    raise ConfigError(f"{field}: {path}: get_config({stage!r}) failed: {error_text(e)}") from e
   check_fields(config, base_config(), f"{path}:{stage}", "train.defaults.base_config()")
   config.lock()
   return config
 
 
+def own_root(config: ml_collections.ConfigDict) -> str:
+  """Where the preset's ``LLM_STAGES`` and its report go: its ``workdir``, else ``config.workdir``."""
+  return preset(config).workdir or config.workdir
+
+
+def stage_root(config: ml_collections.ConfigDict, stage: str) -> str:
+  """The folder whose ``STAGE/`` trains ``stage`` in the main job."""
+  return own_root(config) if stage in LLM_STAGES else config.workdir
+
+
+def llm_tasks(config: ml_collections.ConfigDict) -> str:
+  """The task mix of the ``LLM_STAGES``' world: ``config.tasks``, without its text-only records
+  when the preset's ``language_records`` is off."""
+  if preset(config).language_records:
+    return config.tasks
+  mix = {t: w for t, w in resolve_mix(config.tasks or None).items() if t != TEXT_TASK}
+  return ",".join(f"{t}:{w!r}" for t, w in mix.items())
+
+
+def llm_world_root(config: ml_collections.ConfigDict) -> str:
+  """The folder whose ``world/`` the ``LLM_STAGES`` train on: ``config.workdir``'s (the shared
+  world), or the preset's own workdir when its task mix differs (``llm_tasks``)."""
+  if llm_tasks(config) == config.tasks:
+    return config.workdir
+  if own_root(config) == config.workdir:
+    raise ValueError(f"config.presets.{config.preset}.language_records=False trains on a world of its own: "
+                     f"set config.presets.{config.preset}.workdir to a folder other than config.workdir "
+                     f"({config.workdir}), whose world the other stages keep")
+  return own_root(config)
+
+
 def stage_config(config: ml_collections.ConfigDict, stage: str, root: str | None = None,
-                 shared: str | None = None) -> ml_collections.ConfigDict:
-  """configs/toy.py's config for ``stage``, pointed at the world and at the earlier runs it
-  starts from (``train.stages``) under ``root`` (default ``config.workdir``); the
-  ``SHARED_STAGES`` under ``shared`` (default ``root``)."""
+                 shared: str | None = None, world: str | None = None) -> ml_collections.ConfigDict:
+  """The config of ``stage`` (from the preset's ``llm_config`` for the ``LLM_STAGES`` when it
+  names one, else ``config.stage_config``), pointed at the world under ``world`` (default
+  ``root``) and at the earlier runs it starts from (``train.stages``) under ``root`` (default
+  ``config.workdir``); the ``SHARED_STAGES`` under ``shared`` (default ``root``). A stage whose
+  config has no ``data.tokenizer`` keeps its LLM's own (a pretrained LLM's); vpit trains with
+  the preset's ``vpit_tuning``."""
   p = preset(config)
   root = root or config.workdir
   shared = shared or root
-  c = load_config_file(config.stage_config, stage)
+  world = world or root
+  c = (load_config_file(p.llm_config, stage, f"config.presets.{config.preset}.llm_config")
+       if stage in LLM_STAGES and p.llm_config else load_config_file(config.stage_config, stage))
   c.seed = config.seed
-  c.data.data_dir = os.path.join(root, "world", "tfds")
-  c.data.tokenizer = os.path.join(root, "world", "tokenizer")
+  c.data.data_dir = os.path.join(world, "world", "tfds")
+  if c.data.tokenizer:
+    c.data.tokenizer = os.path.join(world, "world", "tokenizer")
+  if stage == "vpit":
+    c.tuning.mode = p.vpit_tuning
   c.train.steps = p[f"{stage}_steps"]
   c.train.checkpoint_every = max(1, min(c.train.checkpoint_every, c.train.steps))
   c.train.log_every = max(1, min(c.train.log_every, c.train.steps))
@@ -168,20 +214,20 @@ def _world_settings(root: str) -> dict | None:
 
 
 def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None = None,
-                shared: str | None = None) -> dict:
+                shared: str | None = None, world: str | None = None) -> dict:
   """Trains one stage in ``ROOT/STAGE`` (resuming, or skipping it when done or when the
-  preset gives it 0 steps); returns its done record. ``root`` and ``shared`` as in
+  preset gives it 0 steps); returns its done record. ``root``, ``shared`` and ``world`` as in
   ``stage_config``."""
   from train.trainer import run  # slow import: jax, flax, orbax, grain (about 3 s), only to train
   workdir = os.path.join(root or config.workdir, stage)
-  c = stage_config(config, stage, root, shared)
+  c = stage_config(config, stage, root, shared, world)
   if c.train.steps == 0:
     print(f"{stage}: 0 steps in this preset, skipped")
     return {"steps": 0, "seconds": 0.0}
-  wanted, world = json.loads(c.to_json()), _world_settings(root or config.workdir)
+  wanted, settings = json.loads(c.to_json()), _world_settings(world or root or config.workdir)
   done = done_record(workdir)
   if done is not None:
-    world_changed = _changed(done["world"], world) if done.get("world") and world else []  # older records: none
+    world_changed = _changed(done["world"], settings) if done.get("world") and settings else []  # older records: none
     for what, changed in (("with another config", _changed(done.get("config", wanted), wanted, _DEFAULTS)),
                           ("on a world built with other settings", world_changed)):
       if changed:
@@ -193,21 +239,23 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None 
       return done
   start = time.perf_counter()
   last = run(c, workdir)
-  done = {"steps": c.train.steps, "seconds": time.perf_counter() - start, "config": wanted, "world": world,
+  done = {"steps": c.train.steps, "seconds": time.perf_counter() - start, "config": wanted, "world": settings,
           "code": code_version(), "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
   write_json(os.path.join(workdir, DONE_FILE), done)
   return done
 
 
-def timed(name: str, make: Callable[[], Any], root: str, timings: dict[str, float], reused: list[str]) -> Any:
+def timed(name: str, make: Callable[[], Any], root: str, timings: dict[str, float], reused: list[str],
+          label: str | None = None) -> Any:
   """Runs ``make`` (building ``ROOT/NAME``: the world or a stage) and returns its result;
-  records in ``timings`` the seconds ``ROOT/NAME`` took when it was made (its done record's,
-  else this call's), and appends ``name`` to ``reused`` when an earlier run made it."""
-  folder = os.path.join(root, name)
+  records in ``timings`` (under ``label``, default ``name``) the seconds ``ROOT/NAME`` took when
+  it was made (its done record's, else this call's), and appends the label to ``reused`` when
+  an earlier run made it."""
+  folder, label = os.path.join(root, name), label or name
   before, start = done_record(folder), time.perf_counter()
   out = make()
   after = done_record(folder)
-  timings[name] = (after or {}).get("seconds", time.perf_counter() - start)
+  timings[label] = (after or {}).get("seconds", time.perf_counter() - start)
   if before is not None and after == before:
-    reused.append(name)
+    reused.append(label)
   return out
