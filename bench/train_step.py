@@ -36,12 +36,16 @@ from bench.timing import time_it
 from train.demo import machine
 
 
-def synthetic_batch(ids: np.ndarray, images: int, m: int, image_size: int, rng) -> dict[str, np.ndarray]:
+def synthetic_batch(ids: np.ndarray, images: int, m: int, image_size: int, rng,
+                    text_targets: float = 1.0) -> dict[str, np.ndarray]:
   """One record per row: ``ids`` as text (labels = the ids, the first position
-  unlabelled); with ``images`` > 0, the last ``images * m`` slots of each row are
+  unlabelled; with ``text_targets`` < 1 only that fraction of the row's positions, drawn at
+  random, keeps its label); with ``images`` > 0, the last ``images * m`` slots of each row are
   response visual slots of ``images`` random images."""
   b, t = ids.shape
   labels = ids.copy()
+  if text_targets < 1:
+    labels[rng.random((b, t)) >= text_targets] = -100
   labels[:, 0] = -100
   visual_index = np.full((b, t), -1, np.int32)
   target = np.zeros((b, t), bool)
@@ -62,10 +66,15 @@ def synthetic_batch(ids: np.ndarray, images: int, m: int, image_size: int, rng) 
   }
 
 
-def time_vpit_steps(args, ids: np.ndarray, configure: Callable[[Any], None]):
+def time_vpit_steps(args, ids: np.ndarray, configure: Callable[[Any], None], text_targets: float = 1.0,
+                    adapt: Callable[[Any], Any] | None = None):
   """(the run's ``train.trainer.Setup``, median seconds per step, loss of the first step) of
-  SmolLM2's vpit step on ``ids`` (``args``: batch, length, images, repeats), its config
-  (configs/smollm2_135m.py:vpit, no runs/ needed) changed by ``configure(config)`` first."""
+  SmolLM2's vpit step on ``ids`` (``args``: batch, length, images, repeats; ``text_targets``:
+  the fraction of positions with a text label, ``synthetic_batch``), its config
+  (configs/smollm2_135m.py:vpit, no runs/ needed) changed by ``configure(config)`` first, its
+  stage by ``adapt(stage)`` (e.g. another loss) when given."""
+  import dataclasses
+
   import jax
 
   from configs.smollm2_135m import get_config
@@ -80,10 +89,12 @@ def time_vpit_steps(args, ids: np.ndarray, configure: Callable[[Any], None]):
   c.optim.lr = 1e-5
   configure(c)
   s = trainer.make_setup(c)
+  if adapt is not None:
+    s = dataclasses.replace(s, stage=adapt(s.stage))
   state = trainer.initial_state(s)
   m = c.model.num_visual_tokens
   batch = data.global_batch(synthetic_batch(ids, args.images, m, c.data.image_size,
-                                            np.random.default_rng(1)), s.mesh)
+                                            np.random.default_rng(1), text_targets), s.mesh)
   step = jax.jit(functools.partial(train_step, s.graphdef, s.stage, s.tx, s.schedule, c.train.micro_batches),
                  out_shardings=(s.shardings, None), donate_argnums=0)
   box = {"state": state, "losses": []}

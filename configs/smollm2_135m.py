@@ -28,9 +28,10 @@ from train.defaults import base_config
 # tunes LoRA adapters on q/k/v/o (rank 16, alpha 16: MultiModal-GPT's) + the projector, the vision
 # head and the new rows: 10.1 s per 8 x 256 step against full tuning's 14.6 s (0.69x) and
 # frozen_llm's 9.5 s (0.65x), which cannot adapt the LLM (bench.tuning_modes --batch 8
-# --cpu-devices 2). lr 3e-4: adapters and a fresh vision head in a few hundred steps.
+# --cpu-devices 2). lr 1e-3: adapters and a fresh vision head in a few hundred steps; 3e-4 left
+# the model underfit after 150 steps (docs/findings.md, section 20).
 PER_STAGE = {"connector": {"optim.lr": 1e-3, "init_from": ""},
-             "vpit": {"optim.lr": 3e-4, "init_from": "runs/smollm2/connector", "tuning.mode": "lora"}}
+             "vpit": {"optim.lr": 1e-3, "init_from": "runs/smollm2/connector", "tuning.mode": "lora"}}
 
 
 def get_config(stage: str = "vpit"):

@@ -1,17 +1,15 @@
 """The tuning modes lora and frozen_llm (train/tuning.py) on the tiny world: LoRA changes nothing
 at initialisation, trains only its adapters and the stage's own trainables, merges into plain
 weights with the same logits, exports a model metamorph.load reads (plus a PEFT folder), resumes
-exactly and accumulates micro-batches; a frozen LLM stays bit-identical but for the new token rows;
+exactly after kill -9 and accumulates micro-batches; a frozen LLM stays bit-identical but for the new token rows;
 bad LoRA settings are named."""
 from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import os
-import shutil
-from contextlib import redirect_stdout
+import re
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +20,8 @@ from flax import nnx
 import metamorph
 from metamorph import checkpoint
 from metamorph.layers import lora
-from tests.train_fixtures import set_field, tiny_config, train_steps
-from train import model_init, trainer, tuning
+from tests.train_fixtures import kill_when, run_train, set_field, tiny_config, train_command, train_steps
+from train import model_init, step, trainer, tuning
 
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 LORA = {"tuning.mode": "lora", "tuning.lora.rank": 4, "tuning.lora.alpha": 8.0,
@@ -35,9 +33,13 @@ def _flat(state: nnx.State) -> dict:
   return {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(state)}
 
 
-def _metrics(workdir: str) -> dict[int, dict]:
+def _records(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+    return [json.loads(line) for line in f]
+
+
+def _metrics(workdir: str) -> dict[int, dict]:
+  return {r["step"]: r for r in _records(workdir) if "loss" in r}
 
 
 def _restore(s: trainer.Setup, workdir: str):
@@ -66,7 +68,7 @@ def _param_paths(model: nnx.Module) -> set[tuple]:
 
 
 def _model(s: trainer.Setup, state) -> nnx.Module:
-  return nnx.merge(s.graphdef, state.params, state.frozen, copy=True)
+  return step.model_of(s.graphdef, s.stage, state.params, state.frozen, copy=True)
 
 
 def _float_count(tree) -> int:
@@ -128,8 +130,9 @@ def test_only_adapters_and_the_stages_own_trainables_change(lora_run):
   assert any(p[-2:] == ("q_proj", "kernel") or p[-3:] == ("q_proj", "base", "kernel") for p in frozen0)
   for path, value in frozen0.items():               # every other LLM weight, the vision tower
     np.testing.assert_array_equal(frozen1[path], value, err_msg=str(path))
-  rows = np.flatnonzero(np.any(params0[table] != params1[table], axis=1))
-  assert len(rows) and set(rows) <= set(s.stage.new_token_ids), rows
+  # the train state holds the table's new rows alone; the table itself is frozen (checked above)
+  assert params0[table].shape == (len(s.stage.new_token_ids), frozen0[table].shape[1]) == (2, 32)
+  assert not np.array_equal(params0[table], params1[table])
   for path in params0:
     if path[-1] == "b" or path[0] in ("projector", "vision_head"):
       assert not np.array_equal(params0[path], params1[path]), f"{path} did not train"
@@ -167,30 +170,31 @@ def test_the_export_is_plain_merged_weights_and_a_peft_folder(lora_run):
   assert os.path.isfile(os.path.join(folder, "adapter_model.safetensors"))
 
 
-def test_a_resumed_lora_run_logs_the_uninterrupted_metrics(lora_run, tmp_path):
-  """What a kill after checkpoint 3 leaves (checkpoint 3, metrics to step 3, no export): the
-  rerun resumes from 3 (adapters, moments, RNG: dropout masks) and logs steps 4..6 with the
-  uninterrupted run's metrics exactly, ending in the same state."""
-  folder = str(tmp_path / "run")
-  shutil.copytree(lora_run.workdir, folder)
-  shutil.rmtree(os.path.join(folder, "checkpoints", str(STEPS)))
-  shutil.rmtree(os.path.join(folder, "model"))
-  with open(os.path.join(folder, "metrics.jsonl")) as f:
-    kept = [line for line in f if json.loads(line)["step"] <= EVERY]
-  with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
-    f.writelines(kept)
-  out = io.StringIO()
-  with redirect_stdout(out):
-    trainer.run(lora_run.config, folder)
-  assert f"resumed from {folder}/checkpoints/{EVERY}" in out.getvalue()
-  want, got = _metrics(lora_run.workdir), _metrics(folder)
-  assert sorted(got) == list(range(1, STEPS + 1))
-  for step in range(EVERY + 1, STEPS + 1):
+def test_a_killed_lora_run_resumes_with_the_uninterrupted_metrics(lora_run, tmp_path):
+  """``python -m train`` killed with SIGKILL once checkpoint 3 exists: the rerun resumes from
+  the newest checkpoint (adapters, moments, RNG: dropout masks) and logs each later step once,
+  with the uninterrupted run's metrics exactly, ending in the same state and export."""
+  killed = str(tmp_path / "killed")
+  kill_when(train_command(lora_run.config, killed),
+            lambda: os.path.isdir(os.path.join(killed, "checkpoints", str(EVERY))), f"checkpoint {EVERY} appeared")
+  assert not os.path.isdir(os.path.join(killed, "model")), "killed after the export: nothing left to resume"
+  before = len(_records(killed))
+  rerun = run_train(lora_run.config, killed)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  resumed = re.search(rf"resumed from {re.escape(killed)}/checkpoints/(\d+)", rerun.stdout)
+  assert resumed, rerun.stdout[-2000:]
+  start = int(resumed.group(1))
+  assert EVERY <= start < STEPS
+  logged = [r for r in _records(killed)[before:] if "loss" in r]
+  assert [r["step"] for r in logged] == list(range(start + 1, STEPS + 1)), "each later step once, by the rerun"
+  want = _metrics(lora_run.workdir)
+  for record in logged:
     for key in ("loss", "grad_norm", "lr"):
-      assert got[step][key] == want[step][key], (step, key)
-  resumed, _ = _restore(lora_run.setup, folder)
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(lora_run.final)):
+      assert record[key] == want[record["step"]][key], (record["step"], key)
+  resumed_state, _ = _restore(lora_run.setup, killed)
+  for a, b in zip(jax.tree.leaves(resumed_state), jax.tree.leaves(lora_run.final)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert os.path.isfile(os.path.join(killed, "model", "lora", "adapter_model.safetensors"))
 
 
 def test_micro_batches_give_the_same_lora_step(lora_run):
@@ -215,12 +219,19 @@ def test_frozen_llm_moves_only_the_new_token_rows_of_the_llm(tiny_world):
   table = ("llm", "embed_tokens", "embedding")
   assert {p for p in params0 if p[0] == "llm"} == {table}
   assert {p[0] for p in params0} == {"llm", "projector", "vision_head"}
-  for path, value in frozen0.items():
+  for path, value in frozen0.items():  # the whole table among them: weight decay cannot reach it
     np.testing.assert_array_equal(frozen1[path], value, err_msg=str(path))
-  old = np.setdiff1d(np.arange(params0[table].shape[0]), s.stage.new_token_ids)
-  np.testing.assert_array_equal(params1[table][old], params0[table][old])  # weight decay spares them too
+  ids = list(s.stage.new_token_ids)
+  np.testing.assert_array_equal(params0[table], frozen0[table][ids])  # the rows start as the table's
   assert not np.array_equal(params1[table], params0[table])
+  # the model runs on the table with the trained rows written into it, the other rows as they were
+  got = np.asarray(_model(s, state).llm.embed_tokens.embedding[...])
+  want = frozen0[table].copy()
+  want[ids] = params1[table]
+  np.testing.assert_array_equal(got, want)
+  # Adam's two moments for what trains: the two rows, not the vocabulary
   assert _float_count(state.opt_state) == 2 * _float_count(state.params)
+  assert _float_count(state.params) < frozen0[table].size
 
 
 @pytest.mark.parametrize("stage, overrides, message", [

@@ -103,10 +103,14 @@ def test_vision_head_output_is_unit_norm(model):
   np.testing.assert_allclose(np.linalg.norm(np.asarray(pred), axis=-1), 1.0, atol=1e-6)
 
 
+def _identity(x):
+  return x
+
+
 def test_loss_equals_numpy_formula(model):
   b = _batch()
   logits, pred = model(b)
-  total, parts = vpit_loss(logits, pred, b, 0.7)
+  total, parts = vpit_loss(_identity, logits, pred, b, 0.7)  # logits as the hidden states
   want = _numpy_loss(np.asarray(logits), np.asarray(pred), b, 0.7)
   np.testing.assert_allclose(float(total), want[0], rtol=1e-6)
   np.testing.assert_allclose(float(parts["loss_text"]), want[1], rtol=1e-6)
@@ -118,7 +122,7 @@ def test_prompt_positions_get_no_gradient(model):
   b = _batch()
   logits, pred = model(b)
   d_logits, d_pred, d_tokens = jax.grad(
-      lambda l, p, v: vpit_loss(l, p, {**b, "visual_tokens": v}, 0.7)[0], argnums=(0, 1, 2))(
+      lambda l, p, v: vpit_loss(_identity, l, p, {**b, "visual_tokens": v}, 0.7)[0], argnums=(0, 1, 2))(
           logits, pred, jnp.asarray(b["visual_tokens"]))
   text_rows = np.abs(np.asarray(d_logits)).sum(-1) > 0  # [B, T]
   vis_rows = np.abs(np.asarray(d_pred)).sum(-1) > 0
@@ -134,7 +138,7 @@ def test_prompt_positions_get_no_gradient(model):
 def test_vision_coef_zero_is_text_loss_only(model):
   b = _batch()
   logits, pred = model(b)
-  total, parts = vpit_loss(logits, pred, b, 0.0)
+  total, parts = vpit_loss(_identity, logits, pred, b, 0.0)
   assert float(total) == float(parts["loss_text"])
 
 

@@ -131,3 +131,21 @@ def test_without_language_records_the_llm_stages_get_a_world_of_their_own(tmp_pa
   c.presets.smollm2.workdir = ""  # its world would replace the shared one
   with pytest.raises(ValueError, match="language_records=False trains on a world of its own"):
     workflow.llm_world_root(c)
+
+
+def test_the_language_records_experiment_trains_both_arms_from_the_presets_connector(tmp_path):
+  from train.demo.experiments import language_records
+  c = _smollm2_demo(str(tmp_path / "demo"))
+  shared, own = c.workdir, c.presets.smollm2.workdir
+  arms = {name: language_records.plan(c, name, 7) for name in language_records.ARMS}
+  assert arms["with"].world_root == shared  # the shared world holds the text-only records
+  assert arms["without"].world_root == os.path.join(own, "language_records", "without")
+  for name, arm in arms.items():
+    p = workflow.preset(arm.config)
+    assert p.vpit_steps == 7 and p.language_records == (name == "with")
+    assert arm.workdir == os.path.join(own, "language_records", name, "vpit")
+    vpit = workflow.stage_config(arm.config, "vpit", own, shared, arm.world_root)
+    assert vpit.init_from == os.path.join(own, "connector") and vpit.train.steps == 7
+    assert vpit.data.data_dir == os.path.join(arm.world_root, "world", "tfds")
+  assert "text" not in resolve_mix(workflow.llm_tasks(arms["without"].config))
+  assert c.presets.smollm2.vpit_steps != 7 and c.presets.smollm2.language_records  # the demo's config untouched

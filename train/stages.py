@@ -31,12 +31,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
 
 from metamorph.data.conversation import TokenLayout
+from metamorph.layers import target_logits
 from metamorph.models.metamorph import MetaMorph, loss_masks, vpit_loss
 from metamorph.models.siglip import Siglip
 from train import data, metrics, model_init
@@ -114,13 +114,16 @@ def _images(d: data.DataSettings, spec: ModelSpec, split: str, **kw) -> data.Sha
 
 # ----------------------------------------------------------------------------- losses
 
-def _vpit_loss(model: MetaMorph, batch: Batch, counts, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Text cross-entropy + ``model.config.vision_coef`` x the vision loss."""
+def vpit_objective(model: MetaMorph, batch: Batch, counts, rng, *, logits_chunk: int = target_logits.CHUNK
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Text cross-entropy + ``model.config.vision_coef`` x the vision loss (``vpit_loss``; the LM
+  head on the text targets' positions, ``logits_chunk`` at a time)."""
   del rng  # deterministic
   tokens = jax.lax.stop_gradient(model.encode_images(batch["images"]))  # [B, I, m, Dv]
   inputs = {**batch, "visual_tokens": tokens}
-  logits, predicted = model(inputs)
-  return vpit_loss(logits, predicted, inputs, model.config.vision_coef, counts)
+  hidden = model.hidden(inputs)  # [B, T, H]
+  return vpit_loss(model.llm.logits, hidden, model.predict_visual(hidden), inputs, model.config.vision_coef, counts,
+                   logits_chunk)
 
 
 def _vpit_counts(batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -182,7 +185,7 @@ def _visualizer_samples(model, local: dict[str, np.ndarray], path: str) -> None:
 _SIGLIP = Start("model.siglip_init", "siglip")
 _VISUALIZER = Start("model.visualizer_from", "visualizer")
 
-_METAMORPH = dict(model=model_init.metamorph_spec, batches=_conversations, loss=_vpit_loss,
+_METAMORPH = dict(model=model_init.metamorph_spec, batches=_conversations, loss=vpit_objective,
                   normalisers=_vpit_counts, flops=metrics.metamorph_flops)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (  # in training order
@@ -205,18 +208,3 @@ def get(name: str) -> Stage:
   if name not in STAGES:
     raise ValueError(f"unknown stage {name!r}; use one of {', '.join(STAGES)}")
   return STAGES[name]
-
-
-def mask_new_token_rows(grads: nnx.State, token_ids: tuple[int, ...]) -> nnx.State:
-  """Keeps only the gradient of the ``token_ids`` rows of the embedding (and columns of
-  an untied LM head); no-op for an empty ``token_ids``."""
-  if not token_ids:
-    return grads
-  ids = jnp.asarray(token_ids)
-  def one(path, variable):
-    if path[-2:] == ("embed_tokens", "embedding"):
-      return variable.replace(jnp.where(jnp.isin(jnp.arange(variable.shape[0]), ids)[:, None], variable[...], 0))
-    if path[-2:] == ("lm_head", "kernel"):
-      return variable.replace(jnp.where(jnp.isin(jnp.arange(variable.shape[1]), ids)[None, :], variable[...], 0))
-    return variable
-  return nnx.map_state(one, grads)

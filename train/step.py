@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from train.stages import Batch, Stage, mask_new_token_rows
+from train import token_rows
+from train.stages import Batch, Stage
 from train.tuning import TuningMode, full
 
 FULL = full()
@@ -23,6 +24,13 @@ class TrainState:
   opt_state: Any
   frozen: nnx.State         # everything else (vision encoder, frozen LLM parts)
   rng: jax.Array
+
+
+def model_of(graphdef, stage: Stage, params: nnx.State, frozen: nnx.State, *, copy: bool = False) -> nnx.Module:
+  """The model of a train state's ``params`` and ``frozen`` (new token rows written into their
+  tables, ``train.token_rows``); ``copy=False`` shares the arrays (``nnx.merge``)."""
+  params, frozen = token_rows.join(params, frozen, stage.new_token_ids)
+  return nnx.merge(graphdef, params, frozen, copy=copy)
 
 
 def _split_micro(batch: Batch, micro: int) -> Batch:
@@ -44,7 +52,7 @@ def _loss_and_grads(graphdef, stage: Stage, state: TrainState, batch: Batch, mic
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(params, micro_batch, key):
-    model = nnx.merge(graphdef, params, state.frozen)
+    model = model_of(graphdef, stage, params, state.frozen)
     tuning.prepare(model, jax.random.fold_in(key, _PREPARE_STREAM))
     return stage.loss(model, micro_batch, normalisers, key)
 
@@ -67,13 +75,9 @@ def _loss_and_grads(graphdef, stage: Stage, state: TrainState, batch: Batch, mic
 def train_step(graphdef, stage: Stage, tx: optax.GradientTransformation, schedule, micro: int,
                state: TrainState, batch: Batch, *, tuning: TuningMode = FULL
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a global batch; returns the new state and scalar metrics.
-  Where only the new token rows train (``stage.new_token_ids``) both the gradient and the update
-  of the other rows are zeroed, so weight decay cannot move them either."""
+  """One optimizer step on a global batch; returns the new state and scalar metrics."""
   loss, metrics, grads = _loss_and_grads(graphdef, stage, state, batch, micro, tuning)
-  grads = mask_new_token_rows(grads, stage.new_token_ids)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  updates = mask_new_token_rows(updates, stage.new_token_ids)
   params = optax.apply_updates(state.params, updates)
   metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -82,7 +86,7 @@ def train_step(graphdef, stage: Stage, tx: optax.GradientTransformation, schedul
 
 def eval_step(graphdef, stage: Stage, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
   """Metrics of one eval batch (a fixed key: evaluations are comparable over steps)."""
-  model = nnx.merge(graphdef, state.params, state.frozen)
+  model = model_of(graphdef, stage, state.params, state.frozen)
   loss, metrics = stage.loss(model, batch, stage.normalisers(batch), jax.random.key(0))
   return {**metrics, "loss": loss}
 

@@ -28,7 +28,7 @@ from metamorph import checkpoint, sharding
 from metamorph.data import images
 from metamorph.data.packing import PIPELINE_REASONS
 from metamorph.model_folder import MODEL_DIR
-from train import data, metrics, model_init, optimizer, stages, tuning
+from train import data, metrics, model_init, optimizer, stages, step, token_rows, tuning
 from train.step import TrainState, eval_step, state_check, train_step
 
 
@@ -110,13 +110,18 @@ def make_setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) 
   optim = optimizer.Settings(**config.optim.to_dict())
   schedule = optimizer.learning_rate(optim, config.train.steps)
   tx = optimizer.make_optimizer(optim, config.train.steps)
-  abstract_state = jax.eval_shape(functools.partial(_new_state, tx, config.seed), params, frozen)
+  abstract_state = jax.eval_shape(functools.partial(_new_state, tx, config.seed, stage), params, frozen)
   settings = data.DataSettings(**config.data.to_dict(), batch_size=config.train.batch_size)
   return Setup(config, mesh, stage, mode, spec, settings, trainable, graphdef, abstract_state,
                sharding.tree_shardings(abstract_state, mesh), tx, schedule)
 
 
-def _new_state(tx, seed: int, params: nnx.State, frozen: nnx.State) -> TrainState:
+def _new_state(tx, seed: int, stage: stages.Stage, params: nnx.State, frozen: nnx.State) -> TrainState:
+  """The state at step 0 of the model split into ``params`` (what the stage trains) and
+  ``frozen``; where only the new token rows train, ``params`` keeps just them
+  (``train.token_rows``)."""
+  if stage.new_rows_only:
+    params, frozen = token_rows.split(params, frozen, stage.new_token_ids)
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen,
                     jax.random.key_data(jax.random.key(seed)))
 
@@ -124,12 +129,12 @@ def _new_state(tx, seed: int, params: nnx.State, frozen: nnx.State) -> TrainStat
 def initial_state(s: Setup) -> TrainState:
   """A fresh state, created sharded; pretrained / init_from weights loaded first if any."""
   c = s.config
-  create = jax.jit(functools.partial(_new_state, s.tx, c.seed), out_shardings=s.shardings)
+  create = jax.jit(functools.partial(_new_state, s.tx, c.seed, s.stage), out_shardings=s.shardings)
   if not (c.init_from or s.spec.load_pretrained):
     def fresh():
       model = s.tuning.transform(model_init.random_model(s.spec, c.seed), c.seed)
       _, params, frozen = nnx.split(model, s.trainable, ...)
-      return _new_state(s.tx, c.seed, params, frozen)
+      return _new_state(s.tx, c.seed, s.stage, params, frozen)
     return jax.jit(fresh, out_shardings=s.shardings)()   # no host holds the whole model
   model = model_init.random_model(s.spec, c.seed)
   if s.spec.load_pretrained:
@@ -327,7 +332,7 @@ def _export(s: Setup, state: TrainState, workdir: str) -> None:
     params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
   if jax.process_index() == 0:
     folder = os.path.join(workdir, MODEL_DIR)
-    trained = nnx.merge(s.graphdef, params, frozen, copy=True)  # copy: merge works in place
+    trained = step.model_of(s.graphdef, s.stage, params, frozen, copy=True)  # copy: merge works in place
     s.tuning.export(trained, folder, s.config.model.get("llm_init", ""))
     s.stage.export(s.tuning.merge(trained), s.spec, folder)
 
@@ -337,7 +342,7 @@ def _write_samples(s: Setup, state: TrainState, local: dict[str, np.ndarray], pa
   would need every shard of the model)."""
   if jax.process_count() > 1:
     return
-  s.stage.sample(nnx.merge(s.graphdef, state.params, state.frozen), local, path)
+  s.stage.sample(step.model_of(s.graphdef, s.stage, state.params, state.frozen), local, path)
 
 
 def _check_finite(loss: float, step: int, workdir: str, ckpt, what: str = "") -> None:

@@ -21,6 +21,7 @@ Batch contract (all [B, T] unless stated; produced by ``metamorph.data``):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from flax import nnx
 
 from metamorph.layers.dense import dtypes, table
 from metamorph.layers.mlp import Mlp
+from metamorph.layers import target_logits
 from metamorph.models.config import ModelConfig
 from metamorph.models.interfaces import build_interface, check_interface
 from metamorph.models.llama import Llama, LlamaConfig
@@ -121,10 +123,16 @@ class MetaMorph(nnx.Module):
     """[B, T, H] -> L2-normalised visual tokens [B, T, Dv] (float32)."""
     return l2_normalize(self.vision_head(hidden))
 
-  def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """-> (logits [B, T, V] float32, predicted visual tokens [B, T, Dv] float32)."""
+  def hidden(self, batch: dict[str, jax.Array]) -> jax.Array:
+    """-> the LLM's last hidden states [B, T, H] (after its final norm), which the LM head
+    (``llm.logits``) and the vision head (``predict_visual``) read."""
     embeds = self.embed(batch["input_ids"], batch["visual_index"], batch["visual_tokens"])
     hidden, _ = self.llm.forward(embeds, positions=batch["positions"], segment_ids=batch["segment_ids"])
+    return hidden
+
+  def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """-> (logits [B, T, V] float32, predicted visual tokens [B, T, Dv] float32)."""
+    hidden = self.hidden(batch)
     return self.llm.logits(hidden), self.predict_visual(hidden)
 
 
@@ -145,11 +153,15 @@ def loss_masks(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
           batch["visual_target_mask"][:, 1:] & same_segment)
 
 
-def vpit_loss(logits: jax.Array, predicted: jax.Array, batch: dict[str, jax.Array],
-              vision_coef: float, counts: tuple[jax.Array, jax.Array] | None = None
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def vpit_loss(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, predicted: jax.Array,
+              batch: dict[str, jax.Array], vision_coef: float, counts: tuple[jax.Array, jax.Array] | None = None,
+              logits_chunk: int = target_logits.CHUNK) -> tuple[jax.Array, dict[str, jax.Array]]:
   """VPiT loss -> (total, {loss_text, loss_vision, text_tokens, visual_targets}).
 
+  ``hidden`` [B, T, H]: the LLM's last hidden states; ``logits_fn`` maps them to logits
+  ([B, C, H] -> [B, C, V], the LM head), run only on the positions with a text target
+  (``layers.target_logits``, in chunks of ``logits_chunk`` positions; 0: on every position at
+  once); ``predicted`` [B, T, Dv]: the vision head's output.
   Position t predicts the label / visual token at t + 1 within the same segment.
   Sums are divided by ``counts`` = (text targets, visual targets), by default this
   batch's (pass the global counts when accumulating micro-batches); 0 targets
@@ -157,10 +169,8 @@ def vpit_loss(logits: jax.Array, predicted: jax.Array, batch: dict[str, jax.Arra
   """
   text_mask, vis_mask = loss_masks(batch)
   text_count, vis_count = counts if counts is not None else (text_mask.sum(), vis_mask.sum())
-  labels = batch["labels"][:, 1:]
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-  loss_text = jnp.where(text_mask, nll, 0.0).sum() / jnp.maximum(text_count, 1)
+  nll = target_logits.target_nll(logits_fn, hidden[:, :-1], batch["labels"][:, 1:], text_mask, logits_chunk)
+  loss_text = nll / jnp.maximum(text_count, 1)
 
   targets = jax.lax.stop_gradient(gather_visual(batch["visual_tokens"], batch["visual_index"])[:, 1:])
   cosine = jnp.sum(predicted[:, :-1].astype(jnp.float32) * targets.astype(jnp.float32), axis=-1)

@@ -69,12 +69,14 @@ def summary(results: dict[str, Any]) -> str:
           f"{_percent(results['after']['accuracy'])} after (n={n}); kept {_percent(results['kept'])}")
 
 
+def cell(x: dict) -> str:
+  """A markdown table cell of one graded answer of ``ask``: right or not, and its text."""
+  text = " ".join(x["answer"].split()).replace("|", "\\|")
+  return ("yes: " if x["ok"] else "no: ") + f"`{text[:80]}`"
+
+
 def markdown(results: dict[str, Any]) -> list[str]:
   """The report's section: both scores and every answer."""
-  def cell(x: dict) -> str:
-    text = " ".join(x["answer"].split()).replace("|", "\\|")
-    return ("yes: " if x["ok"] else "no: ") + f"`{text[:80]}`"
-
   lines = ["## Language kept (general questions)", "",
            f"{summary(results)}. Before: `{results['before_model']}`; after: `{results['after_model']}`.", "",
            "| question | expected | before | after |", "|---|---|---|---|"]

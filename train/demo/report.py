@@ -44,7 +44,8 @@ def _normalize(text: str) -> str:
   return " ".join(text.strip().lower().rstrip(".").split())
 
 
-def _records(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSONL file (blank lines skipped)."""
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
@@ -185,7 +186,7 @@ def _knowledge_records(world: str) -> list[dict]:
       args = json.load(f)["args"]
     n = write_eval_knowledge(world, args["holdout"], args["image_size"])
     print(f"knowledge: {world} had no {KNOWLEDGE_FILE} (an older world); wrote its {n} probes")
-  return _records(path)
+  return read_jsonl(path)
 
 
 def _probe_kind(record: dict) -> str:
@@ -317,7 +318,7 @@ def plot_losses(root: str, stages: Sequence[str], path: str) -> str | None:
   for stage in stages:
     file = os.path.join(root, stage, "metrics.jsonl")
     if os.path.isfile(file):
-      rows = [r for r in _records(file) if "loss" in r]
+      rows = [r for r in read_jsonl(file) if "loss" in r]
       curves[stage] = ([r["step"] for r in rows], [r["loss"] for r in rows])
   if not curves:
     return None
@@ -342,8 +343,8 @@ def evaluate(model_dir: str, world_dir: str, world_info: dict, p: ml_collections
   ``{"knowledge": {model_name: grade_knowledge(...)}}``, a column of ``knowledge_section``."""
   mm = metamorph.load(model_dir)
   render = {"render_steps": p.render_steps, "render_guidance": p.render_guidance}
-  validation = _records(os.path.join(world_dir, "validation.jsonl"))
-  prompts = _records(os.path.join(world_dir, world_info["files"]["eval_t2i"]))
+  validation = read_jsonl(os.path.join(world_dir, "validation.jsonl"))
+  prompts = read_jsonl(os.path.join(world_dir, world_info["files"]["eval_t2i"]))
   return {
     "holdout": world_info["args"]["holdout"],
     "understanding": understanding(mm, world_dir, validation, p.eval_understanding),

@@ -214,12 +214,12 @@ def _world_settings(root: str) -> dict | None:
 
 
 def train_stage(config: ml_collections.ConfigDict, stage: str, root: str | None = None,
-                shared: str | None = None, world: str | None = None) -> dict:
-  """Trains one stage in ``ROOT/STAGE`` (resuming, or skipping it when done or when the
-  preset gives it 0 steps); returns its done record. ``root``, ``shared`` and ``world`` as in
-  ``stage_config``."""
+                shared: str | None = None, world: str | None = None, workdir: str | None = None) -> dict:
+  """Trains one stage in ``workdir`` (default ``ROOT/STAGE``; resuming, or skipping it when done
+  or when the preset gives it 0 steps); returns its done record. ``root``, ``shared`` and
+  ``world`` as in ``stage_config``."""
   from train.trainer import run  # slow import: jax, flax, orbax, grain (about 3 s), only to train
-  workdir = os.path.join(root or config.workdir, stage)
+  workdir = workdir or os.path.join(root or config.workdir, stage)
   c = stage_config(config, stage, root, shared, world)
   if c.train.steps == 0:
     print(f"{stage}: 0 steps in this preset, skipped")

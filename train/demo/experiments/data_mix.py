@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from train.config_errors import define_config_file, parse_flags
-from train.demo import report, workflow
+from train.demo import experiments, report, workflow
 from train.demo.report import percent
 
 define_config_file("config", "configs/demo.py", "demo config (configs/demo.py)")
@@ -98,20 +98,10 @@ def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)
   config, root = FLAGS.config, FLAGS.config.workdir
-  try:
-    reference = workflow.build_world(config)
-    for stage in workflow.SHARED_STAGES:
-      workflow.train_stage(config, stage)
-    rows = [_row(name, label, run_mix(config, name, tasks, root, reference))
-            for name, (tasks, label) in MIXES.items()]
-  except (ValueError, RuntimeError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  path = write(rows, os.path.join(root, "data_mix"))
-  with open(path, encoding="utf-8") as f:
-    print(f.read())
-  print(f"results: {path}")
-  return 0
+  return experiments.run(
+      config, lambda reference: [_row(name, label, run_mix(config, name, tasks, root, reference))
+                                 for name, (tasks, label) in MIXES.items()],
+      lambda rows: write(rows, os.path.join(root, "data_mix")))
 
 
 if __name__ == "__main__":
