@@ -14,6 +14,9 @@ import pytest
 
 import metamorph
 from configs.smollm2_135m import get_config
+from metamorph.api.prompts import text_prompt, visual_prompts
+from metamorph.convert import smollm2_gguf_path
+from metamorph.convert.gguf import load_gguf_tokenizer
 from metamorph.data.images import load_image
 from metamorph.files import read_safetensors
 from metamorph.params import module_params
@@ -92,6 +95,14 @@ def test_the_export_loads_and_still_answers(vpit_run, two_records):
   image = load_image(os.path.join(two_records, "images", record["image"][0]))
   [seen] = mm.generate(["What is in the image?"], images=[[image]], max_new_tokens=4)
   assert seen.text.strip()  # the image path runs end to end on the export
+  # a text question reaches the morphed model as it reaches SmolLM2 (train.demo.general_questions
+  # compares the two): the same ids, SmolLM2's default system prompt included
+  turns = [("user", question)]
+  base = load_gguf_tokenizer(smollm2_gguf_path())
+  want = text_prompt(turns, base).input_ids
+  got = visual_prompts(turns, np.zeros((0, mm.m, mm.vision_dim), np.float32), mm.tokenizer, mm.layout, False)[0]
+  np.testing.assert_array_equal(got.input_ids, want)
+  assert "You are a helpful AI assistant" in base.decode(want)
 
 
 def _smollm2_demo(workdir: str):

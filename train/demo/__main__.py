@@ -63,6 +63,10 @@ def grade(config: ml_collections.ConfigDict, world: dict) -> dict:
     knowledge = report.grade_knowledge(metamorph.load(toy), world_dir, limit=p.get("eval_knowledge", 0),
                                        render_steps=p.render_steps, render_guidance=p.render_guidance)
     results["knowledge"] = {"toy LLM": knowledge, **results["knowledge"]}
+  elif own != root:
+    results["knowledge_note"] = (f"The toy LLM's column is missing: {toy} holds no trained model. `make demo` "
+                                 "trains it; rerun this command afterwards (it reuses every finished stage).")
+    print(f"knowledge: {results['knowledge_note']}")
   if base:
     results["language_kept"] = general_questions.language_kept(base, model)
   return results

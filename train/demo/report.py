@@ -409,6 +409,8 @@ def write(config: ml_collections.ConfigDict, results: dict[str, Any], timings: d
             if e["n"] else "no editing records evaluated."]
   if results.get("knowledge"):
     lines += ["", *knowledge_section(results["knowledge"])]
+    if results.get("knowledge_note"):
+      lines += ["", results["knowledge_note"]]
   if t.get("gallery"):
     lines += ["", "## Samples", "", f"![text-to-image samples]({t['gallery']})"]
   if results.get("loss_plot"):

@@ -1,7 +1,7 @@
 """MultiModal-GPT's finding on a pretrained LLM: do the world's text-only records keep its language?
 
-``python -m train.demo.experiments.language_records [--config configs/demo.py]
-[--config.preset=smollm2] [--steps 100] [--questions 200]``
+``python -m train.demo.experiments.language_records --config.preset=smollm2 [--config configs/demo.py]
+[--steps 100] [--questions 200]`` (a preset with a pretrained ``llm_config``)
 
 Two VPiT runs of ``--steps`` steps (the preset's ``llm_config``, e.g. SmolLM2-135M-Instruct
 with LoRA) from the same connector, the preset's (``PRESET_WORKDIR/connector``, trained first
