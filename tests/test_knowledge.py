@@ -145,7 +145,7 @@ class _Stub:
   def __init__(self, world: str, right: bool):
     self.right, self.draw, self.answer = right, {}, {}
     self.calls = collections.Counter()
-    for r in report._records(os.path.join(world, KNOWLEDGE_FILE)):
+    for r in report.read_jsonl(os.path.join(world, KNOWLEDGE_FILE)):
       for side in ("probe", "control"):
         turns = report._side(r, side)
         if r["task"] == "t2i":

@@ -203,8 +203,11 @@ def test_micro_batches_give_the_same_lora_step(lora_run):
   one, state1 = train_steps(lora_run.setup, lora_run.initial, 2, micro=1, tuning=no_dropout)
   two, state2 = train_steps(lora_run.setup, lora_run.initial, 2, micro=2, tuning=no_dropout)
   np.testing.assert_allclose(two, one, rtol=2e-5)
+  # AdamW's normalised update turns f32 rounding of the summed micro-batch gradients into
+  # parameter differences where an element's two gradients nearly cancel: atol 1e-5 is 0.3% of
+  # one step at lr 3e-3 (a wrong accumulation moves every element by a whole step)
   for path, value in _flat(state1.params).items():
-    np.testing.assert_allclose(_flat(state2.params)[path], value, rtol=1e-4, atol=1e-6, err_msg=str(path))
+    np.testing.assert_allclose(_flat(state2.params)[path], value, rtol=1e-4, atol=1e-5, err_msg=str(path))
 
 
 def test_frozen_llm_moves_only_the_new_token_rows_of_the_llm(tiny_world):
