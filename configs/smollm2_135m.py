@@ -26,10 +26,10 @@ from train.defaults import base_config
 
 # stage -> its fields: the connector trains only the projector and the two new token rows; vpit
 # tunes LoRA adapters on q/k/v/o (rank 16, alpha 16: MultiModal-GPT's) + the projector, the vision
-# head and the new rows: 10.1 s per 8 x 256 step against full tuning's 14.6 s (0.69x) and
-# frozen_llm's 9.5 s (0.65x), which cannot adapt the LLM (bench.tuning_modes --batch 8
-# --cpu-devices 2). lr 1e-3: adapters and a fresh vision head in a few hundred steps; 3e-4 left
-# the model underfit after 150 steps (docs/findings.md, section 20).
+# head and the new rows: 0.69x full tuning's step time and 0.35x its train state; frozen_llm
+# (0.65x) cannot adapt the LLM (bench.tuning_modes --batch 8 --cpu-devices 2; docs/findings.md,
+# sections 20, 21). lr 1e-3: adapters and a fresh vision head in a few hundred steps; 3e-4 left
+# the model underfit after 150 steps (section 20), 1e-3 reached section 21's loss in 40.
 PER_STAGE = {"connector": {"optim.lr": 1e-3, "init_from": ""},
              "vpit": {"optim.lr": 1e-3, "init_from": "runs/smollm2/connector", "tuning.mode": "lora"}}
 
@@ -70,7 +70,8 @@ def get_config(stage: str = "vpit"):
   c.model.param_dtype = "float32"
 
   # 2 CPU devices, data parallel (configs/toy.py's mesh, so the demo's stages agree): 10.1 s per
-  # 8 x 256 LoRA vpit step, 11.0 s on one device (bench.tuning_modes --batch 8)
+  # 8 x 256 LoRA vpit step, 11.0 s on one device (bench.tuning_modes --batch 8; section 20's hour,
+  # the LM head then on every position)
   c.mesh.data, c.mesh.fsdp, c.mesh.cpu_devices = -1, 1, 2
   c.train.steps = 300
   c.train.batch_size = 8
