@@ -29,7 +29,7 @@ from train.defaults import base_config
 # head and the new rows: 0.69x full tuning's step time and 0.35x its train state; frozen_llm
 # (0.65x) cannot adapt the LLM (bench.tuning_modes --batch 8 --cpu-devices 2; docs/findings.md,
 # sections 20, 21). lr 1e-3: adapters and a fresh vision head in a few hundred steps; 3e-4 left
-# the model underfit after 150 steps (section 20), 1e-3 reached section 21's loss in 40.
+# the model underfit after 150 steps (section 20); 1e-3 passed its step-120 loss by step 40 (21).
 PER_STAGE = {"connector": {"optim.lr": 1e-3, "init_from": ""},
              "vpit": {"optim.lr": 1e-3, "init_from": "runs/smollm2/connector", "tuning.mode": "lora"}}
 
