@@ -30,6 +30,7 @@ from bench.train_step import time_vpit_steps
 from train.demo import machine
 
 VOCAB = 49152  # SmolLM2's tokenizer (the ids of the synthetic batch)
+EVERY = ", head on every position"  # the row name suffix of --every-position's runs
 
 
 def _bytes(tree) -> int:
@@ -72,7 +73,7 @@ def measure(mode: str, args, ids: np.ndarray, every_position: bool = False) -> d
 
 def table(rows: dict[str, dict], tokens: int) -> list[str]:
   """Markdown rows of ``measure``'s results, with ratios against full (else the first row)."""
-  base = rows.get("full, head on every position") or rows.get("full") or next(iter(rows.values()))
+  base = rows.get("full" + EVERY) or rows.get("full") or next(iter(rows.values()))
   mb = 2 ** 20
   lines = ["| mode | s / step | tokens / s | time vs full | trained params | params MiB | optimizer MiB | "
            "frozen MiB | state MiB | state vs full | first loss |", "|---" * 11 + "|"]
@@ -106,7 +107,7 @@ def main() -> None:
   rows = {}
   for m in (m for m in modes if m in tuning.MODES):
     if args.every_position:
-      rows[f"{m}, head on every position"] = measure(m, args, ids, every_position=True)
+      rows[m + EVERY] = measure(m, args, ids, every_position=True)
     rows[m] = measure(m, args, ids)
   print(f"machine: {machine.line(machine.info())}")
   print(f"SmolLM2-135M vpit train step, batch {args.batch} x {args.length}, {args.images} image(s) per row, "

@@ -29,6 +29,11 @@ def _axis(path: tuple) -> int | None:
   return TABLES.get(tuple(path[-2:]))
 
 
+def is_table(path: tuple) -> bool:
+  """Whether the parameter at ``path`` is a token table (the embedding, an untied LM head)."""
+  return _axis(path) is not None
+
+
 def _rows_only(names, axis: int):
   """The table's logical axis names with the token axis replicated (n_new is small)."""
   if names is None:
@@ -43,7 +48,7 @@ def split(params: nnx.State, frozen: nnx.State, ids: Sequence[int]) -> tuple[nnx
   (a table with no ``ids`` leaves ``params``)."""
   trained, kept = dict(nnx.to_flat_state(params)), dict(nnx.to_flat_state(frozen))
   index = jnp.asarray(ids, jnp.int32)
-  for path in [p for p in trained if _axis(p) is not None]:
+  for path in [p for p in trained if is_table(p)]:
     table, axis = trained.pop(path), _axis(path)
     kept[path] = table
     if len(ids):
@@ -59,7 +64,7 @@ def join(params: nnx.State, frozen: nnx.State, ids: Sequence[int]) -> tuple[nnx.
     return params, frozen
   trained, kept = dict(nnx.to_flat_state(params)), dict(nnx.to_flat_state(frozen))
   index = jnp.asarray(ids, jnp.int32)
-  for path in [p for p in trained if _axis(p) is not None]:
+  for path in [p for p in trained if is_table(p)]:
     rows, table, axis = trained[path], kept.pop(path), _axis(path)
     at = table[...].at[index] if axis == 0 else table[...].at[:, index]
     trained[path] = table.replace(at.set(rows[...].astype(table.dtype)))

@@ -43,11 +43,11 @@ from flax import nnx
 from metamorph.convert import peft
 from metamorph.files import ConversionError, read_json
 from metamorph.layers import lora as lora_layer
+from train import token_rows
 
 Filter = Any  # an nnx filter: nnx.Param, nnx.All(...), or a callable (path, value) -> bool
 
 LLM = ("llm",)                                            # the LLM's path prefix in a MetaMorph model
-TOKEN_TABLES = (("llm", "embed_tokens"), ("llm", "lm_head"))  # their new token rows train (new_rows_only)
 PEFT_DIR = "lora"                                         # WORKDIR/model/lora: the PEFT adapter folder
 
 
@@ -98,7 +98,7 @@ def _outside_llm(trainable: Filter) -> Callable[[tuple, Any], bool]:
   """The stage's trainables outside the LLM, plus its token tables (their new rows train)."""
   def keep(path: tuple, value: Any) -> bool:
     return (nnx.filterlib.to_predicate(trainable)(path, value)
-            and (path[:1] != LLM or path[:2] in TOKEN_TABLES))
+            and (path[:1] != LLM or token_rows.is_table(path)))
   return keep
 
 

@@ -53,7 +53,7 @@ def grade(config: ml_collections.ConfigDict, world: dict) -> dict:
   the world-knowledge probes of ``config.workdir``'s toy-LLM vpit model beside its own."""
   root, own, p = config.workdir, workflow.own_root(config), preset(config)
   model, world_dir = os.path.join(own, "vpit"), os.path.join(root, "world")
-  base = workflow.stage_config(config, "connector", own, root).model.llm_init
+  base = workflow.pretrained_llm(config)
   name = os.path.basename(base).split(".")[0] if base else "toy LLM"  # SmolLM2-135M-Instruct
   results = {"preset": config.preset, **report.evaluate(model, world_dir, world, p, own, model_name=name),
              "loss_plot": report.plot_losses(own, [s for s in DEMO_STAGES if workflow.stage_root(config, s) == own],

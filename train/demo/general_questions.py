@@ -47,16 +47,20 @@ def ask(mm, questions: tuple[tuple[str, tuple[str, ...]], ...] = QUESTIONS) -> d
   return {"accuracy": sum(x["ok"] for x in answers) / len(answers), "n": len(answers), "answers": answers}
 
 
-def language_kept(before: str, after: str) -> dict[str, Any]:
-  """``ask`` of the LLM at ``before`` (e.g. the GGUF file) and of the MetaMorph at ``after``
-  (its vpit workdir); "kept": the fraction of the questions answered right before that are
-  still answered right after (None when none was)."""
-  results = {"before": ask(metamorph.load(before)), "after": ask(metamorph.load(after)),
-             "before_model": before, "after_model": after}
-  pairs = [(b["ok"], a["ok"]) for b, a in zip(results["before"]["answers"], results["after"]["answers"])]
+def compare(before: dict[str, Any], after: dict[str, Any], before_model: str, after_model: str) -> dict[str, Any]:
+  """Two ``ask`` results of the same questions, before and after VPiT, side by side; "kept": the
+  fraction of the questions answered right before that are still answered right after (None
+  when none was)."""
+  pairs = [(b["ok"], a["ok"]) for b, a in zip(before["answers"], after["answers"])]
   right_before = [a for b, a in pairs if b]
-  results["kept"] = sum(right_before) / len(right_before) if right_before else None
-  return results
+  return {"before": before, "after": after, "before_model": before_model, "after_model": after_model,
+          "kept": sum(right_before) / len(right_before) if right_before else None}
+
+
+def language_kept(before: str, after: str) -> dict[str, Any]:
+  """``compare`` of ``ask`` of the LLM at ``before`` (e.g. the GGUF file) and of the MetaMorph
+  at ``after`` (its vpit workdir)."""
+  return compare(ask(metamorph.load(before)), ask(metamorph.load(after)), before, after)
 
 
 def _percent(x) -> str:

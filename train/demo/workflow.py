@@ -159,6 +159,12 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, root: str | None
   return c
 
 
+def pretrained_llm(config: ml_collections.ConfigDict) -> str:
+  """The pretrained LLM the preset's ``LLM_STAGES`` start from (the connector config's
+  ``model.llm_init``, e.g. SmolLM2's GGUF); "" for an LLM trained from scratch."""
+  return stage_config(config, "connector", own_root(config), config.workdir).model.llm_init
+
+
 def build_world(config: ml_collections.ConfigDict, root: str | None = None, tasks: str | None = None,
                 shared_splits: bool = True) -> dict:
   """The shapes world under ``ROOT/world`` (default root ``config.workdir``, task mix

@@ -38,9 +38,11 @@ ARMS = {"with": "with the text-only records", "without": "without them"}
 @dataclasses.dataclass(frozen=True)
 class Arm:
   """One run of the experiment: its demo config (the preset's, ``steps`` VPiT steps, with or
-  without the text-only records), the folder its world is under, its vpit workdir."""
+  without the text-only records), its task mix (``workflow.llm_tasks``), the folder its world
+  is under, its vpit workdir."""
   name: str
   config: ml_collections.ConfigDict
+  tasks: str
   world_root: str
   workdir: str
 
@@ -51,24 +53,25 @@ def plan(config: ml_collections.ConfigDict, name: str, steps: int) -> Arm:
   p.vpit_steps = steps
   p.language_records = name == "with"
   out = os.path.join(workflow.own_root(c), "language_records", name)
-  world_root = c.workdir if workflow.llm_tasks(c) == c.tasks else out
-  return Arm(name, c, world_root, os.path.join(out, "vpit"))
+  tasks = workflow.llm_tasks(c)
+  return Arm(name, c, tasks, c.workdir if tasks == c.tasks else out, os.path.join(out, "vpit"))
 
 
-def run_arm(config: ml_collections.ConfigDict, name: str, steps: int, questions: int) -> dict:
+def run_arm(config: ml_collections.ConfigDict, name: str, steps: int, questions: int, before: dict) -> dict:
   """Trains (or reuses) the arm's world and vpit run (from the preset's connector); its
-  language and understanding grades."""
+  language grades (against ``before``: ``general_questions.ask`` of the pretrained LLM) and
+  understanding grades."""
+  import metamorph  # slow import (jax), only to grade
   arm = plan(config, name, steps)
   c, own, root = arm.config, workflow.own_root(arm.config), arm.config.workdir
   if arm.world_root != root:
-    workflow.build_world(c, arm.world_root, workflow.llm_tasks(c), shared_splits=False)
+    workflow.build_world(c, arm.world_root, arm.tasks, shared_splits=False)
   done = workflow.train_stage(c, "vpit", own, shared=root, world=arm.world_root, workdir=arm.workdir)
-  base = workflow.stage_config(c, "connector", own, root).model.llm_init
-  kept = general_questions.language_kept(base, arm.workdir)
-  import metamorph  # slow import (jax), only to grade
+  mm = metamorph.load(arm.workdir)
+  kept = general_questions.compare(before, general_questions.ask(mm), workflow.pretrained_llm(c), arm.workdir)
   validation = report.read_jsonl(os.path.join(root, "world", "validation.jsonl"))
-  understood = report.understanding(metamorph.load(arm.workdir), os.path.join(root, "world"), validation, questions)
-  result = {"arm": name, "label": ARMS[name], "steps": steps, "tasks": workflow.llm_tasks(c) or "(the default mix)",
+  understood = report.understanding(mm, os.path.join(root, "world"), validation, questions)
+  result = {"arm": name, "label": ARMS[name], "steps": steps, "tasks": arm.tasks or "(the default mix)",
             "seconds": done.get("seconds"), "last": done.get("last", {}),
             "language_kept": kept, "understanding": understood}
   with open(os.path.join(os.path.dirname(arm.workdir), "results.json"), "w", encoding="utf-8") as f:
@@ -118,8 +121,10 @@ def main(argv) -> int:
 
   def rows(world: dict) -> list[dict]:
     del world
+    import metamorph  # slow import (jax), only to grade
     workflow.train_stage(config, "connector", own, shared=root, world=workflow.llm_world_root(config))
-    return [run_arm(config, arm, FLAGS.steps, FLAGS.questions) for arm in ARMS]
+    before = general_questions.ask(metamorph.load(workflow.pretrained_llm(config)))  # once, for both runs
+    return [run_arm(config, arm, FLAGS.steps, FLAGS.questions, before) for arm in ARMS]
   return experiments.run(config, rows, lambda rows: write(rows, os.path.join(own, "language_records")))
 
 
